@@ -1,0 +1,241 @@
+"""The engine: one model, one KV pool, continuous batching of requests and contexts.
+
+Engine thread only: nothing here is locked, so one thread (the kernel's engine loop, or
+a program using the engine in-process) makes every call. The step-level API is
+`add_request`, `step`, `abort` and the `context_*` calls; `generate` is the batch
+convenience built on them.
+
+One step (`step`):
+  1. the scheduler picks a batch under the token budget (preempting if KV runs out);
+  2. requests that can never fit are refused;
+  3. copy-on-write block copies, then one forward pass for the whole batch;
+  4. newly full blocks enter the prefix cache;
+  5. requests whose pending tokens all ran sample a token each;
+  6. finished requests release their sequence; every request with news gets a Delta.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Iterable
+
+from .blocks import BlockManager
+from .errors import ContextBusy, EngineError, KVOutOfMemory, NoSuchContext
+from .request import Completion, Context, Delta, Request, Sequence
+from .runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(self, model, tokenizer: Tokenizer, driver, *, num_blocks: int,
+                 block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, enable_prefix_caching: bool = True, poison: bool = False):
+        from .scheduler import Scheduler
+        cfg = model.config
+        self.model, self.tokenizer, self.driver = model, tokenizer, driver
+        self.config, self.max_model_len, self.block_size = cfg, max_model_len, block_size
+        dtype = next(model.parameters()).dtype
+        self.kv_caches = driver.allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size,
+                                                  cfg.num_key_value_heads, cfg.head_dim, dtype)
+        on_free = (lambda blocks: driver.poison_blocks(self.kv_caches, blocks)) if poison else None
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, on_free=on_free)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, driver, self.kv_caches, block_size)
+        self.requests: dict[int, Request] = {}
+        self.contexts: dict[int, Context] = {}
+        self._context_ids = itertools.count(1)
+        self.stats = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0}
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str, **options) -> "Engine":
+        """Load a Hugging Face directory (or "tiny", the embedded model); see boot.load_engine."""
+        from .boot import load_engine
+        return load_engine(cls, path_or_name, **options)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    # ---- requests -------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | None = None, *, messages: list | None = None,
+                    params: SamplingParams | None = None, context: int | None = None,
+                    on_event: Callable[[Delta], None] | None = None, salt: bytes | None = None,
+                    **sampling) -> Request:
+        """Queue a request; return it (its `.id` names it for `abort`).
+
+        The prompt is text, token ids, or chat `messages`; on a context it is appended to the
+        context's tokens. Raises EngineError (EINVAL) for bad input, NoSuchContext, ContextBusy,
+        or KVOutOfMemory when it could never fit in the pool.
+        """
+        params = (params or SamplingParams.from_options(sampling)).check(self.config.vocab_size)
+        tokens = self._prompt_tokens(prompt, messages)
+        ctx = self._context(context) if context is not None else None
+        if ctx is not None and ctx.busy is not None:
+            raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
+        seq = ctx.seq if ctx else Sequence([], self.blocks.new_table(salt))
+        total = len(seq.tokens) + len(tokens)
+        if total == 0:
+            raise EngineError("prompt: empty (give text, token ids or messages)")
+        self._check_fits(total, params.max_tokens)
+        if params.max_tokens > 0 and not tokens and seq.num_pending == 0:
+            self.blocks.truncate(seq.table, seq.num_computed - 1)   # recompute for logits
+        seq.tokens += tokens
+        req = Request(seq, params, self.tokenizer, on_event, ctx)
+        if ctx:
+            ctx.busy = req
+        self.requests[req.id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _prompt_tokens(self, prompt, messages) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise EngineError("prompt: give exactly one of prompt text, token ids or messages")
+        if messages is not None:
+            return self.tokenizer.encode_chat(messages)
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        tokens = list(prompt)
+        vocab = self.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                   for t in tokens):
+            raise EngineError(f"prompt: token ids must be integers in [0, {vocab})")
+        return tokens
+
+    def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            raise EngineError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
+                              f"the model's context length {self.max_model_len}")
+        need = math.ceil(total / self.block_size)
+        if need > self.num_blocks:
+            raise KVOutOfMemory(f"request needs {need} KV blocks but the pool holds "
+                                f"{self.num_blocks}")
+
+    def abort(self, request_id: int) -> bool:
+        """Finish a queued or running request with reason "abort"; False if it is not live."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        req.finish("abort")
+        self._release(req)
+        self._emit(req)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------------
+    def step(self) -> list[Delta]:
+        """Run one engine step (see the module docstring); return the deltas it produced."""
+        batch = self.scheduler.schedule()
+        touched = []
+        for req in batch.refused:
+            req.finish("abort", error=f"out of KV memory: {len(req.seq.tokens)} tokens do not "
+                                      f"fit in the {self.blocks.num_free_blocks} free blocks")
+            touched.append(req)
+        if batch.items:
+            sampling, logits = self.runner.run(batch.items, batch.copies)
+            for req, n in batch.items:
+                self.blocks.commit_full_blocks(req.seq.table, req.seq.tokens)
+                touched.append(req)
+            self.stats["steps"] += 1
+            self.stats["computed_tokens"] += batch.num_tokens
+            self._sample(sampling, logits)
+        deltas = []
+        for req in touched:
+            if req.finished:
+                self._release(req)
+            delta = self._emit(req)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    def _sample(self, reqs: list[Request], logits) -> None:
+        live = [r for r in reqs if r.params.max_tokens > 0]
+        for req in reqs:
+            if req.params.max_tokens == 0:
+                req.finish("length")
+        if not live:
+            return
+        if len(live) < len(reqs):
+            logits = logits[[i for i, r in enumerate(reqs) if r.params.max_tokens > 0]]
+        tokens = sample(logits, [r.params for r in live], [r.generator for r in live])
+        eos = self.tokenizer.eos_token_ids
+        for req, tok in zip(live, tokens):
+            req.append(tok, eos)
+        self.stats["generated_tokens"] += len(live)
+
+    def _release(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        self.requests.pop(req.id, None)
+        if req.context is not None:
+            req.context.busy = None
+        else:
+            self.blocks.free(req.seq.table)
+
+    def _emit(self, req: Request) -> Delta | None:
+        delta = req.take_delta()
+        if delta is not None and req.on_event is not None:
+            req.on_event(delta)
+        return delta
+
+    # ---- contexts -------------------------------------------------------------------
+    def context_create(self, prompt: str | list[int] | None = None, *, messages=None,
+                       salt: bytes | None = None) -> int:
+        """A KV sequence that outlives requests; its tokens are computed by the next request."""
+        ctx = Context(next(self._context_ids), Sequence([], self.blocks.new_table(salt)))
+        self.contexts[ctx.id] = ctx
+        if prompt is not None or messages is not None:
+            self.context_extend(ctx.id, prompt, messages=messages)
+        return ctx.id
+
+    def context_extend(self, context: int, prompt=None, *, messages=None) -> None:
+        ctx = self._idle_context(context)
+        tokens = self._prompt_tokens(prompt, messages)
+        self._check_fits(len(ctx.seq.tokens) + len(tokens), 0)
+        ctx.seq.tokens += tokens
+
+    def context_fork(self, context: int) -> int:
+        """A copy-on-write child: it shares every block of the parent until one of them writes."""
+        parent = self._idle_context(context)
+        table = self.blocks.fork(parent.seq.table)
+        child = Context(next(self._context_ids), Sequence(list(parent.seq.tokens), table))
+        self.contexts[child.id] = child
+        return child.id
+
+    def context_free(self, context: int) -> None:
+        ctx = self._context(context)
+        if ctx.busy is not None:
+            self.abort(ctx.busy.id)
+        self.blocks.free(ctx.seq.table)
+        del self.contexts[context]
+
+    def context_info(self, context: int) -> dict:
+        seq = self._context(context).seq
+        return {"id": context, "tokens": len(seq.tokens), "computed": seq.num_computed,
+                "blocks": len(seq.table.blocks), "busy": self.contexts[context].busy is not None}
+
+    def context_tokens(self, context: int) -> list[int]:
+        return list(self._context(context).seq.tokens)
+
+    def _context(self, context: int) -> Context:
+        ctx = self.contexts.get(context)
+        if ctx is None:
+            raise NoSuchContext(f"context {context}: no such context")
+        return ctx
+
+    def _idle_context(self, context: int) -> Context:
+        ctx = self._context(context)
+        if ctx.busy is not None:
+            raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
+        return ctx
+
+    # ---- batch convenience ----------------------------------------------------------
+    def generate(self, prompts: Iterable[str | list[int]], **sampling) -> list[Completion]:
+        """Run every prompt to completion, batched; one Completion each, in order."""
+        reqs = [self.add_request(p, **sampling) for p in prompts]
+        done: dict[int, Completion] = {}
+        while len(done) < len(reqs) and self.has_work():
+            done.update((d.request_id, d.completion) for d in self.step() if d.finished)
+        return [done[r.id] for r in reqs]

@@ -1,0 +1,157 @@
+"""KV sequences, contexts and requests: the engine's units of work and their output.
+
+A `Sequence` is a list of tokens plus the block table that holds the KV of the first
+`num_computed` of them. A `Context` owns a sequence across requests (a conversation);
+an ephemeral request owns a fresh one. A `Request` runs on a sequence: it appends its
+prompt, then one sampled token per step, and turns tokens into text deltas that never
+split a UTF-8 character and never show a stop string.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .blocks import BlockTable
+from .sampling import SamplingParams
+from .tokenizer import DetokenizeStream, Tokenizer
+
+
+@dataclass
+class Sequence:
+    tokens: list[int]
+    table: BlockTable
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV is in the cache (slots are assigned and filled in the same step)."""
+        return self.table.num_tokens
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.table.num_tokens
+
+
+@dataclass
+class Context:
+    id: int
+    seq: Sequence
+    busy: "Request | None" = None    # at most one request runs on a context at a time
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0        # tokens before the first generated one (context included)
+    cached_tokens: int = 0        # of those, already in the KV cache when the request started
+    completion_tokens: int = 0
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass
+class Completion:
+    request_id: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str            # "stop", "length" or "abort"
+    usage: Usage
+    error: str | None = None      # why an aborted request was refused, if it was
+
+
+@dataclass
+class Delta:
+    """One streaming event: new tokens and text; the last one carries the Completion."""
+    request_id: int
+    token_ids: list[int]
+    text: str
+    completion: Completion | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.completion is not None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    seq: Sequence
+    params: SamplingParams
+    tokenizer: Tokenizer
+    on_event: Callable[[Delta], None] | None = None
+    context: Context | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self):
+        self.output_start = len(self.seq.tokens)
+        self.output_ids: list[int] = []   # this request's tokens (a context's sequence goes on)
+        self.usage = Usage(prompt_tokens=self.output_start)
+        self.started = False          # admitted once (usage.cached_tokens is then known)
+        self.stopped = False          # SIGSTOP: not scheduled until resumed
+        self.finish_reason: str | None = None
+        self.stop_hit = False         # ended by a stop string: the text is already cut
+        self.error: str | None = None
+        self.generator = None
+        if self.params.seed is not None and not self.params.greedy:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+        streaming = self.on_event is not None or bool(self.params.stop)
+        self.detok = DetokenizeStream(tokenizer=self.tokenizer) if streaming else None
+        self.text = ""                # decoded so far (streaming or stop strings only)
+        self.emitted = 0              # chars of self.text already sent as deltas
+        self.unsent: list[int] = []   # tokens not yet sent as a delta
+        self.holdback = max((len(s) for s in self.params.stop), default=1) - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, eos_ids: list[int]) -> None:
+        """Take one sampled token; decide whether the request is finished."""
+        self.seq.tokens.append(token)
+        self.output_ids.append(token)
+        self.unsent.append(token)
+        self.usage.completion_tokens += 1
+        p = self.params
+        if self.detok is not None:
+            before = len(self.text)
+            self.text += self.detok.push(token)
+            if self._find_stop(before):
+                return
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+            self.finish_reason = "stop"
+        elif self.usage.completion_tokens >= p.max_tokens:
+            self.finish_reason = "length"
+
+    def _find_stop(self, searched_up_to: int) -> bool:
+        start = max(0, searched_up_to - self.holdback)
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason, self.stop_hit = "stop", True
+        return bool(hits)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+
+    def take_delta(self) -> Delta | None:
+        """The event to send after a step: None when there is nothing new to say."""
+        if self.finished:
+            if self.detok is not None and not self.stop_hit:
+                self.text += self.detok.flush()
+            text = self.text if self.detok is not None else self.tokenizer.decode(self.output_ids)
+            completion = Completion(self.id, list(self.output_ids), text, self.finish_reason,
+                                    self.usage, self.error)
+            delta = Delta(self.id, self.unsent, text[self.emitted:], completion)
+        else:
+            upto = max(self.emitted, len(self.text) - self.holdback)
+            if not self.unsent and upto == self.emitted:
+                return None
+            delta = Delta(self.id, self.unsent, self.text[self.emitted:upto])
+            self.emitted = upto
+        self.unsent = []
+        return delta

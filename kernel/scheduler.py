@@ -1,0 +1,118 @@
+"""First-come first-served scheduling of requests over the KV pool, with preemption by recompute.
+
+Each step gets a batch under a token budget. Every running request has some pending
+tokens (one when decoding, a chunk when prefilling or recomputing); the batch takes
+decodes first, then prefill chunks, then admits waiting requests in arrival order. A
+request that cannot get KV blocks preempts the most recently admitted request that is
+not in the batch yet: its blocks are freed and it goes back to the front of the queue,
+to be recomputed (largely from the prefix cache) when it is admitted again.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .blocks import BlockManager
+from .request import Request
+
+
+@dataclass
+class Batch:
+    items: list[tuple[Request, int]] = field(default_factory=list)  # request, tokens this step
+    copies: list[tuple[int, int]] = field(default_factory=list)     # copy-on-write (src, dst)
+    refused: list[Request] = field(default_factory=list)            # can never get its KV
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []   # in admission order: the tail is preempted first
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def has_work(self) -> bool:
+        return any(not r.stopped for r in self.running) or any(not r.stopped for r in self.waiting)
+
+    def schedule(self) -> Batch:
+        """Steps, in order:
+        1. running requests with one pending token (decode), in admission order;
+        2. running requests with more (prefill chunks), while the budget lasts;
+        3. waiting requests in arrival order, while budget, seats and blocks last;
+        4. if nothing could run at all, the head of the queue is refused (its KV cannot fit).
+        """
+        batch = Batch()
+        budget = self.max_num_batched_tokens
+        runnable = [r for r in self.running if not r.stopped]
+        decodes = [r for r in runnable if r.seq.num_pending == 1]
+        for req in decodes + [r for r in runnable if r.seq.num_pending > 1]:
+            if budget == 0 or req not in self.running:
+                continue
+            n = min(req.seq.num_pending, budget)
+            if self._make_room(req, n, batch):
+                batch.copies += self.blocks.append_slots(req.seq.table, n)
+                batch.items.append((req, n))
+                budget -= n
+        self._admit(batch, budget)
+        if not batch.items and not self.running:
+            head = next((r for r in self.waiting if not r.stopped), None)
+            if head is not None:
+                self.waiting.remove(head)
+                batch.refused.append(head)
+        return batch
+
+    def _make_room(self, req: Request, n: int, batch: Batch) -> bool:
+        """Preempt unscheduled requests from the tail until `req` can take n slots."""
+        scheduled = {id(r) for r, _ in batch.items}
+        while not self.blocks.can_append(req.seq.table, n):
+            victim = next((r for r in reversed(self.running)
+                           if r is not req and id(r) not in scheduled), None)
+            if victim is None:
+                if not batch.items:
+                    self.preempt(req)
+                return False
+            self.preempt(victim)
+        return True
+
+    def preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.seq.table)
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _admit(self, batch: Batch, budget: int) -> None:
+        for req in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                return
+            if req.stopped:
+                continue
+            table = req.seq.table
+            fresh = table.num_tokens == 0
+            if fresh:
+                self.blocks.match_prefix(table, req.seq.tokens)
+            n = min(req.seq.num_pending, budget)
+            if not self.blocks.can_append(table, n):
+                if fresh:
+                    self.blocks.free(table)   # give back the prefix hits; they stay cached
+                return
+            if not req.started:
+                req.started, req.usage.cached_tokens = True, table.num_tokens
+            self.waiting.remove(req)
+            self.running.append(req)
+            batch.copies += self.blocks.append_slots(table, n)
+            batch.items.append((req, n))
+            budget -= n

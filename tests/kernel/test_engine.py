@@ -1,0 +1,188 @@
+"""The engine against Hugging Face transformers on the same random-weight checkpoints.
+
+Every checkpoint is written to disk by transformers and loaded back by llmos' own
+loader, in float32; outputs must be token-identical to transformers' greedy decoding.
+"""
+import random
+
+import pytest
+import torch
+
+from llmos.kernel import Engine, KVOutOfMemory, EngineError
+from tests.checkpoints import make_checkpoint
+
+KINDS = ["llama", "qwen2", "qwen3", "mistral"]
+NEW_TOKENS = 32
+PROMPT_LENS = [1, 7, 16, 17, 40]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {kind: make_checkpoint(kind, root / kind) for kind in KINDS}
+
+
+def prompts_for(vocab: int, lens=PROMPT_LENS, seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lens]
+
+
+def hf_greedy(path, prompts, new_tokens=NEW_TOKENS) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None       # as ignore_eos: decode every token
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, pad_token_id=0)
+            out.append(gen[0, len(p):].tolist())
+    return out
+
+
+def engine_for(path, **kw) -> Engine:
+    kw.setdefault("num_blocks", 64)
+    return Engine.from_pretrained(str(path), poison=True, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_transformers(ckpts, kind):
+    engine = engine_for(ckpts[kind])
+    prompts = prompts_for(engine.config.vocab_size)
+    got = engine.generate(prompts, max_tokens=NEW_TOKENS, ignore_eos=True)
+    want = hf_greedy(ckpts[kind], prompts)
+    for p, c, w in zip(prompts, got, want):
+        assert c.token_ids == w, f"prompt of {len(p)} tokens"
+        assert c.finish_reason == "length"
+    assert engine.blocks.num_free_blocks == engine.num_blocks
+
+
+def test_batched_equals_alone(ckpts):
+    engine = engine_for(ckpts["llama"], max_num_batched_tokens=24)  # forces chunked prefill
+    prompts = prompts_for(engine.config.vocab_size, seed=1)
+    batched = engine.generate(prompts, max_tokens=20, ignore_eos=True)
+    for p, b in zip(prompts, batched):
+        alone = engine.generate([p], max_tokens=20, ignore_eos=True)[0]
+        assert alone.token_ids == b.token_ids
+
+
+def test_prefix_cache_hit_same_output_fewer_tokens(ckpts):
+    engine = engine_for(ckpts["qwen2"])
+    shared = prompts_for(engine.config.vocab_size, lens=[48], seed=2)[0]
+    first = engine.generate([shared + [5, 6]], max_tokens=16, ignore_eos=True)[0]
+    computed = engine.stats["computed_tokens"]
+    again = engine.generate([shared + [5, 6]], max_tokens=16, ignore_eos=True)[0]
+    assert again.token_ids == first.token_ids
+    assert again.usage.cached_tokens == 48
+    assert engine.stats["computed_tokens"] - computed == 50 - 48 + 15
+    cold = engine_for(ckpts["qwen2"], enable_prefix_caching=False)
+    assert cold.generate([shared + [5, 6]], max_tokens=16, ignore_eos=True)[0].token_ids \
+        == first.token_ids
+
+
+def test_salt_keeps_owners_apart(ckpts):
+    engine = engine_for(ckpts["llama"])
+    prompt = prompts_for(engine.config.vocab_size, lens=[40], seed=3)[0]
+    for salt, cached in ((b"a", 0), (b"a", 32), (b"b", 0)):
+        req = engine.add_request(prompt, max_tokens=1, salt=salt)
+        while engine.has_work():
+            engine.step()
+        assert req.usage.cached_tokens == cached, salt
+
+
+def test_small_pool_preempts_and_gives_same_outputs(ckpts):
+    prompts = prompts_for(128, lens=[30, 25, 20, 35, 28, 33, 22, 26], seed=4)
+    big = engine_for(ckpts["llama"], num_blocks=64)
+    want = [c.token_ids for c in big.generate(prompts, max_tokens=24, ignore_eos=True)]
+    small = engine_for(ckpts["llama"], num_blocks=8)     # one request needs up to 4 blocks
+    got = [c.token_ids for c in small.generate(prompts, max_tokens=24, ignore_eos=True)]
+    assert got == want
+    assert small.scheduler.num_preemptions > 0
+    assert small.blocks.num_free_blocks == 8
+    small.blocks.check_invariants()
+
+
+def test_request_that_can_never_fit_is_refused(ckpts):
+    engine = engine_for(ckpts["llama"], num_blocks=4)
+    with pytest.raises(KVOutOfMemory, match="needs 5 KV blocks"):
+        engine.add_request(list(range(3, 60)), max_tokens=20)
+    with pytest.raises(EngineError, match="context length"):
+        engine.add_request([3], max_tokens=10 ** 9)
+    with pytest.raises(EngineError, match="top_p"):
+        engine.add_request([3], top_p=0.0)
+    with pytest.raises(EngineError, match="token ids"):
+        engine.add_request([3, 10 ** 6])
+    assert engine.generate([[3, 4]], max_tokens=2)[0].finish_reason in ("length", "stop")
+
+
+def test_multi_turn_context_computes_only_new_tokens(ckpts):
+    engine = engine_for(ckpts["qwen3"])
+    vocab = engine.config.vocab_size
+    turn1, turn2 = prompts_for(vocab, lens=[20, 9], seed=5)
+    ctx = engine.context_create(turn1)
+    r1 = engine.add_request([], context=ctx, max_tokens=8, ignore_eos=True)
+    while engine.has_work():
+        engine.step()
+    r2 = engine.add_request(turn2, context=ctx, max_tokens=8, ignore_eos=True)
+    while engine.has_work():
+        engine.step()
+    assert r2.usage.prompt_tokens == 20 + 8 + 9
+    assert r2.usage.computed_prompt_tokens == 1 + 9     # last reply token + the new turn
+    full = turn1 + r1.output_ids + turn2
+    assert engine.generate([full], max_tokens=8, ignore_eos=True)[0].token_ids == r2.output_ids
+    engine.context_free(ctx)
+    assert engine.blocks.num_free_blocks == engine.num_blocks
+
+
+def test_fork_continues_like_recompute(ckpts):
+    engine = engine_for(ckpts["mistral"])
+    vocab = engine.config.vocab_size
+    base, a, b = prompts_for(vocab, lens=[21, 5, 6], seed=6)   # 21: a partial last block
+    parent = engine.context_create(base)
+    engine.add_request([], context=parent, max_tokens=0)
+    while engine.has_work():
+        engine.step()
+    child = engine.context_fork(parent)
+    used = engine.num_blocks - engine.blocks.num_free_blocks
+    ra = engine.add_request(a, context=parent, max_tokens=12, ignore_eos=True)
+    rb = engine.add_request(b, context=child, max_tokens=12, ignore_eos=True)
+    while engine.has_work():
+        engine.step()
+    want = engine.generate([base + a, base + b], max_tokens=12, ignore_eos=True)
+    assert ra.output_ids == want[0].token_ids and rb.output_ids == want[1].token_ids
+    assert rb.usage.cached_tokens == 21 and used == 2      # the child shared both blocks
+    for ctx in (parent, child):
+        engine.context_free(ctx)
+    assert engine.blocks.num_free_blocks == engine.num_blocks
+
+
+def test_stop_strings_streaming_and_seeds(ckpts):
+    engine = engine_for(ckpts["llama"])
+    prompt = prompts_for(engine.config.vocab_size, lens=[12], seed=7)[0]
+    full = engine.generate([prompt], max_tokens=24, ignore_eos=True)[0]
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    cut = engine.generate([prompt], max_tokens=24, ignore_eos=True, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    deltas = []
+    engine.add_request(prompt, max_tokens=24, ignore_eos=True, on_event=deltas.append)
+    while engine.has_work():
+        engine.step()
+    assert "".join(d.text for d in deltas) == full.text
+    assert sum((d.token_ids for d in deltas), []) == full.token_ids
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    kw = dict(max_tokens=16, temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, seed=11)
+    one = engine.generate([prompt], **kw)[0]
+    crowd = engine.generate([prompt, prompt[:5], prompt[2:]], **kw)[0]
+    assert one.token_ids == crowd.token_ids
+
+
+def test_abort(ckpts):
+    engine = engine_for(ckpts["llama"])
+    events = []
+    req = engine.add_request([3, 4, 5], max_tokens=30, on_event=events.append)
+    engine.step()
+    assert engine.abort(req.id)
+    assert events[-1].completion.finish_reason == "abort"
+    assert not engine.has_work() and engine.blocks.num_free_blocks == engine.num_blocks
