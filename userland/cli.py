@@ -66,7 +66,8 @@ def generate(prompt, model, chat, system, driver, **sampling) -> None:
             if delta.finished:
                 u = delta.completion.usage
                 secs = time.perf_counter() - start
-                click.echo(f"\n[{delta.completion.finish_reason}; {u.prompt_tokens} prompt + "
+                click.echo()
+                click.echo(f"[{delta.completion.finish_reason}; {u.prompt_tokens} prompt + "
                            f"{u.completion_tokens} completion tokens in {secs:.2f}s]", err=True)
 
 

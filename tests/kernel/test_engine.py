@@ -186,3 +186,22 @@ def test_abort(ckpts):
     assert engine.abort(req.id)
     assert events[-1].completion.finish_reason == "abort"
     assert not engine.has_work() and engine.blocks.num_free_blocks == engine.num_blocks
+
+
+def test_embedded_tiny_matches_transformers_and_answers():
+    from transformers import AutoModelForCausalLM
+
+    from llmos.kernel.boot import resolve_model
+    from llmos.kernel.tiny import tasks
+    engine = Engine.from_pretrained("tiny", poison=True)
+    assert engine.config.num_key_value_heads < engine.config.num_attention_heads
+    cases = [ex + (task,) for task in tasks.TASKS for ex in tasks.examples(task, 4, "test")]
+    prompts = [engine.tokenizer.encode_chat(p) if isinstance(p, list) else engine.tokenizer.encode(p)
+               for p, _, _ in cases]
+    got = engine.generate(prompts, max_tokens=12)
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"), dtype=torch.float32).eval()
+    for ids, c, (_, expected, task) in zip(prompts, got, cases):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)
+        assert c.token_ids == want[0, len(ids):].tolist()
+        assert tasks.score(task, c.text, expected), (c.text, expected)
