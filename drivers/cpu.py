@@ -1,11 +1,13 @@
 """The cpu driver: the KV ops in plain torch, vectorized over sequences and tokens.
 
 paged_attention gathers each sequence's blocks into a padded [S, L, Hkv, D] tensor and
-runs one scaled_dot_product_attention per group of sequences: decode sequences (one new
-token) in one group, prefill chunks in the other, so a long chunk does not pad every
-decode query to its length.
+runs one scaled_dot_product_attention per group of sequences. How a step's batch splits
+into groups, and the index tensors that do it, are planned once per step and reused by
+every layer.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import psutil
 import torch
@@ -18,6 +20,17 @@ from .base import Driver
 class CpuDriver(Driver):
     name = "cpu"
     device = torch.device("cpu")
+
+    def __init__(self):
+        # Set once any block is poisoned (debug mode): from then on, slots past a
+        # sequence's end may hold NaN and attention must zero them before use.
+        self.poisoned = False
+        self._plan_key: tuple | None = None   # the step whose attention plan is cached
+        self._plan: list[_Group] = []
+
+    def poison_blocks(self, caches, blocks) -> None:
+        self.poisoned = True
+        super().poison_blocks(caches, blocks)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -41,87 +54,107 @@ class CpuDriver(Driver):
     def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor,
                         block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
                         scale: float) -> Tensor:
-        starts = query_start_loc[:-1].long()
-        q_lens = query_start_loc[1:].long() - starts
-        seq_lens = seq_lens.long()
-        lens = q_lens.tolist()
-        if lens and min(lens) == 1 and max(lens) == 1:  # pure decode: rows are q in order
-            o = _attend(q, k_cache, v_cache, block_tables, seq_lens, starts, q_lens, 1, scale)
-            return o.reshape(q.shape).to(q.dtype)
+        # Every layer of a step passes the same metadata tensors: plan once per step.
+        key = (block_tables, seq_lens, query_start_loc)
+        if self._plan_key is None or any(a is not b for a, b in zip(key, self._plan_key)):
+            self._plan_key = key
+            self._plan = _plan(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
+        groups = self._plan
+        if len(groups) == 1 and groups[0].max_q == 1:    # pure decode: rows are q in order
+            return _attend(q, k_cache, v_cache, groups[0], scale, self.poisoned).view(q.shape)
         out = torch.empty_like(q)
-        for group in (q_lens == 1, q_lens > 1):
-            idx = group.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            g_starts, g_q_lens = starts[idx], q_lens[idx]
-            max_q = int(g_q_lens.max())
-            o = _attend(q, k_cache, v_cache, block_tables[idx], seq_lens[idx],
-                        g_starts, g_q_lens, max_q, scale)  # [Sg, max_q, H, D]
-            j = torch.arange(max_q)
-            real = j[None] < g_q_lens[:, None]  # [Sg, max_q]
-            out[(g_starts[:, None] + j[None])[real]] = o[real].to(q.dtype)
+        for g in groups:
+            o = _attend(q, k_cache, v_cache, g, scale, self.poisoned)   # [S, max_q, H, D]
+            out[g.out_rows] = o.view(-1, *q.shape[1:])[g.real]
         return out
 
 
-def _gather_kv(k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Each sequence's K and V through its block table, padded: [S, Hkv, L, D] in dtype.
+@dataclass
+class _Group:
+    """Sequences attended in one SDPA call, padded to S x max_q queries over L keys."""
+    S: int
+    max_q: int
+    L: int
+    kv_index: Tensor        # [S * L / block_size] block ids to gather (past the end: block 0)
+    seq_lens: Tensor        # [S]
+    q_rows: Tensor          # [S * max_q] rows of q (padded rows read row 0)
+    real: Tensor            # [S * max_q] bool: which padded rows are real
+    out_rows: Tensor        # [real rows] where they go in o
+    mask: Tensor | None     # [S, 1, max_q or 1, L] bool, or None for plain causal
 
-    L is max(seq_lens) rounded up to whole blocks; slots past a sequence's end are zero.
-    """
+
+def _plan(block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, bs: int
+          ) -> list[_Group]:
+    """Decode sequences (one new token) form one group, prefill chunks the other, so a
+    long chunk does not pad every decode query to its length."""
+    starts = query_start_loc[:-1].long()
+    q_lens = query_start_loc[1:].long() - starts
+    seq_lens = seq_lens.long()
+    groups = []
+    for sel in (q_lens == 1, q_lens > 1):
+        idx = sel.nonzero().squeeze(1)
+        if idx.numel():
+            groups.append(_plan_group(block_tables[idx], seq_lens[idx], starts[idx],
+                                      q_lens[idx], bs))
+    return groups
+
+
+def _plan_group(block_tables, seq_lens, starts, q_lens, bs) -> _Group:
     S = seq_lens.shape[0]
-    _, bs, Hkv, D = k_cache.shape
     nb = -(-int(seq_lens.max()) // bs)
     L = nb * bs
     # Table entries past a sequence's blocks hold any value: read block 0 instead.
     blk = torch.arange(nb)
-    bt = torch.where(blk[None] * bs < seq_lens[:, None], block_tables[:, :nb].long(), 0)
-    bt = bt.flatten()
-    k = k_cache.index_select(0, bt).view(S, L, Hkv, D).to(dtype)  # fresh: safe to write
-    v = v_cache.index_select(0, bt).view(S, L, Hkv, D).to(dtype)
-    # Slots past seq_len may hold NaN (a poisoned free block) and 0 * NaN would leak
-    # through the softmax, so zero them. Positions below the shortest length are live.
-    lo = int(seq_lens.min())
-    if lo < L:
-        dead = (torch.arange(lo, L)[None] >= seq_lens[:, None])[:, :, None, None]
-        k[:, lo:].masked_fill_(dead, 0)
-        v[:, lo:].masked_fill_(dead, 0)
-    return k.transpose(1, 2), v.transpose(1, 2)
+    kv_index = torch.where(blk[None] * bs < seq_lens[:, None], block_tables[:, :nb].long(), 0)
+    max_q = int(q_lens.max())
+    j = torch.arange(max_q)
+    real = j[None] < q_lens[:, None]                                       # [S, max_q]
+    rows = starts[:, None] + j[None]
+    pos = torch.arange(L)
+    if max_q == 1:
+        mask = (pos[None] < seq_lens[:, None])[:, None, None]              # [S, 1, 1, L]
+    elif bool((seq_lens == q_lens).all()):
+        mask = None     # no cached prefix: plain causal lets SDPA skip the upper triangle
+    else:
+        # Query j sits at seq_len - q_len + j; padded rows are clamped to the last real
+        # key, so no row is fully masked (which would make NaN).
+        qpos = torch.minimum(seq_lens[:, None] - q_lens[:, None] + j[None], seq_lens[:, None] - 1)
+        mask = (pos[None, None, :] <= qpos[:, :, None])[:, None]           # [S, 1, max_q, L]
+    return _Group(S, max_q, L, kv_index.flatten(), seq_lens,
+                  torch.where(real, rows, 0).flatten(), real.flatten(), rows[real], mask)
 
 
-def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-            seq_lens: Tensor, starts: Tensor, q_lens: Tensor, max_q: int,
-            scale: float) -> Tensor:
-    """Attention for one group of S sequences; returns o padded to [S, max_q, H, D].
+def _gather_kv(cache: Tensor, g: _Group, dtype: torch.dtype, zero_dead: bool) -> Tensor:
+    """Each sequence's K (or V) through its block table, padded: [S, Hkv, L, D] in dtype.
 
-    Padded query rows (j >= q_len) are computed and dropped by the caller; none is
-    fully masked, so none makes NaN.
+    With zero_dead, slots past a sequence's end are zeroed: they may hold NaN (a
+    poisoned free block) and 0 * NaN would leak through the softmax. Otherwise they hold
+    stale but finite values, which the mask removes.
     """
-    S = seq_lens.shape[0]
+    _, _, Hkv, D = cache.shape
+    x = cache.index_select(0, g.kv_index).view(g.S, g.L, Hkv, D).to(dtype)
+    lo = int(g.seq_lens.min())
+    if zero_dead and lo < g.L:
+        dead = (torch.arange(lo, g.L)[None] >= g.seq_lens[:, None])[:, :, None, None]
+        x[:, lo:].masked_fill_(dead, 0)
+    return x.transpose(1, 2)
+
+
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, g: _Group, scale: float,
+            zero_dead: bool) -> Tensor:
+    """Attention for one group; returns o [S, max_q, H, D] in q's dtype (padded rows too)."""
     _, H, D = q.shape
     G = H // k_cache.shape[2]
-    cdt = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 computed in float32
-    k, v = _gather_kv(k_cache, v_cache, block_tables, seq_lens, cdt)  # [S, Hkv, L, D]
-    pos = torch.arange(k.shape[2])
-
-    # Query j of a sequence sits at seq_len - q_len + j and sees keys up to there.
-    j = torch.arange(max_q)
-    rows = torch.where(j[None] < q_lens[:, None], starts[:, None] + j[None], 0)  # [S, max_q]
-    qp = q.index_select(0, rows.flatten()).view(S, max_q, H, D).to(cdt)  # padded rows: token 0
-    if max_q == 1:
+    cdt = torch.promote_types(q.dtype, torch.float32)     # bf16/fp16 computed in float32
+    k = _gather_kv(k_cache, g, cdt, zero_dead)            # [S, Hkv, L, D]
+    v = _gather_kv(v_cache, g, cdt, zero_dead)
+    qp = q.index_select(0, g.q_rows).view(g.S, g.max_q, H, D).to(cdt)
+    if g.max_q == 1:
         # Decode: fold a KV head's G query heads into the query axis (one pass over K, V).
-        mask = (pos[None] < seq_lens[:, None])[:, None, None]  # [S, 1, 1, L]
-        o = F.scaled_dot_product_attention(qp.view(S, -1, G, D), k, v, attn_mask=mask,
-                                           scale=scale)  # [S, Hkv, G, D]
-        return o.reshape(S, 1, H, D)
-    if bool((seq_lens == q_lens).all()):
-        # No cached prefix: plain (top-left) causal, which lets SDPA skip the upper
-        # triangle. Padded rows see zeroed keys but never make NaN.
-        mask, causal = None, True
-    else:
-        # Padded rows are clamped to the last real key, so no row is fully masked.
-        qpos = torch.minimum(seq_lens[:, None] - q_lens[:, None] + j[None], seq_lens[:, None] - 1)
-        mask, causal = (pos[None, None, :] <= qpos[:, :, None])[:, None], False  # [S, 1, max_q, L]
-    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
-                                       scale=scale, enable_gqa=True)  # [S, H, max_q, D]
-    return o.transpose(1, 2)
+        o = F.scaled_dot_product_attention(qp.view(g.S, -1, G, D), k, v, attn_mask=g.mask,
+                                           scale=scale)   # [S, Hkv, G, D]
+        return o.reshape(g.S, 1, H, D).to(q.dtype)
+    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=g.mask,
+                                       is_causal=g.mask is None, scale=scale,
+                                       enable_gqa=True)   # [S, H, max_q, D]
+    return o.transpose(1, 2).to(q.dtype)

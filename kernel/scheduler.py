@@ -21,6 +21,7 @@ class Batch:
     items: list[tuple[Request, int]] = field(default_factory=list)  # request, tokens this step
     copies: list[tuple[int, int]] = field(default_factory=list)     # copy-on-write (src, dst)
     refused: list[Request] = field(default_factory=list)            # can never get its KV
+    preempted: set[int] = field(default_factory=set)                # ids of requests preempted
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +61,7 @@ class Scheduler:
         runnable = [r for r in self.running if not r.stopped]
         decodes = [r for r in runnable if r.seq.num_pending == 1]
         for req in decodes + [r for r in runnable if r.seq.num_pending > 1]:
-            if budget == 0 or req not in self.running:
+            if budget == 0 or id(req) in batch.preempted:
                 continue
             n = min(req.seq.num_pending, budget)
             if self._make_room(req, n, batch):
@@ -77,18 +78,21 @@ class Scheduler:
 
     def _make_room(self, req: Request, n: int, batch: Batch) -> bool:
         """Preempt unscheduled requests from the tail until `req` can take n slots."""
+        if self.blocks.can_append(req.seq.table, n):
+            return True
         scheduled = {id(r) for r, _ in batch.items}
         while not self.blocks.can_append(req.seq.table, n):
             victim = next((r for r in reversed(self.running)
                            if r is not req and id(r) not in scheduled), None)
             if victim is None:
                 if not batch.items:
-                    self.preempt(req)
+                    self.preempt(req, batch)
                 return False
-            self.preempt(victim)
+            self.preempt(victim, batch)
         return True
 
-    def preempt(self, req: Request) -> None:
+    def preempt(self, req: Request, batch: Batch) -> None:
+        batch.preempted.add(id(req))
         self.running.remove(req)
         self.blocks.free(req.seq.table)
         self.waiting.appendleft(req)
