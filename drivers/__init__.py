@@ -1,19 +1,12 @@
-"""Drivers: the hardware behind the kernel. get_driver(name) picks one by name."""
+"""Drivers: the hardware behind the kernel. get_driver(name) picks one by name ("auto": the
+best available); every driver comes from the entry-point group `llmos.drivers`."""
 from __future__ import annotations
 
-from .base import Driver
+from .base import Capabilities, Driver, KVCache, OutOfDeviceMemory
 from .cpu import CpuDriver
+from .registry import (DriverInfo, DriverRefused, Registry, check_driver, get_driver,
+                       list_drivers, load_errors, register, reload, unregister)
 
-_DRIVERS: dict[str, type[Driver]] = {"cpu": CpuDriver}
-
-
-def get_driver(name: str = "cpu") -> Driver:
-    """A new driver by name; "auto" is the best available. Unknown names raise ValueError."""
-    if name == "auto":
-        name = "cpu"
-    if name not in _DRIVERS:
-        raise ValueError(f"unknown driver {name!r}; known drivers: {', '.join(sorted(_DRIVERS))}")
-    return _DRIVERS[name]()
-
-
-__all__ = ["Driver", "CpuDriver", "get_driver"]
+__all__ = ["Driver", "CpuDriver", "Capabilities", "KVCache", "OutOfDeviceMemory",
+           "DriverInfo", "DriverRefused", "Registry", "check_driver", "get_driver",
+           "list_drivers", "load_errors", "register", "reload", "unregister"]

@@ -3,27 +3,66 @@
 The kernel sees a driver through these methods only. Shapes use the names of DESIGN.md:
 T new tokens in a batch, S sequences, H query heads, Hkv KV heads (H a multiple of Hkv),
 D head size. A KV cache is, per layer, a pair (k_cache, v_cache), each
-[num_blocks, block_size, Hkv, D]; a slot is block * block_size + offset.
+[num_blocks, block_size, Hkv, D]; a slot is block * block_size + offset. The swap pool
+has the same layout in host memory; a block moves between the two whole, every layer.
+
+A driver registers through the entry-point group `llmos.drivers` (see registry.py), and
+is checked there: it must subclass Driver, name itself, declare its device, and leave no
+abstract method unimplemented.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache)
+Blocks = Tensor | Sequence[int]        # block numbers: a 1-D int tensor or a list
+
+
+class OutOfDeviceMemory(MemoryError, ValueError):
+    """An allocation larger than the driver's free memory. Also a ValueError: asking for a
+    pool the device cannot hold is the caller's mistake (a kv_memory too large), not a bug."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver's KV ops accept; the default allocate_kv_cache checks it."""
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    block_sizes: tuple[int, ...] | None = None  # None: any positive block size
+
+    def check(self, dtype: torch.dtype, block_size: int) -> None:
+        """Raise ValueError naming the dtype or block size this driver does not support."""
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported "
+                             f"by this driver (supported: {names})")
+        if block_size < 1 or (self.block_sizes is not None and block_size not in self.block_sizes):
+            allowed = "any positive" if self.block_sizes is None else \
+                ", ".join(map(str, self.block_sizes))
+            raise ValueError(f"block size {block_size} is not supported by this driver "
+                             f"(supported: {allowed})")
 
 
 class Driver(ABC):
-    name: str  # the name get_driver() knows it by
-    device: torch.device
+    # Declared by every driver class; the registry refuses a class without them.
+    name: str              # the name get_driver() knows it by (its entry-point name)
+    device: torch.device   # where the KV pool and the weights live
+    priority: int = 0      # "auto" prefers higher among plugins; negative: never picked by auto
+    capabilities: Capabilities = Capabilities()
 
     @classmethod
     @abstractmethod
     def is_available(cls) -> bool:
         """True when this machine has the hardware and libraries the driver needs."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why is_available() is False, in words for `llmos drivers`; None when available."""
+        return None if cls.is_available() else "the hardware or libraries it needs are missing"
 
     @abstractmethod
     def memory_info(self) -> tuple[int, int]:
@@ -32,14 +71,55 @@ class Driver(ABC):
     def synchronize(self) -> None:
         """Wait until every queued op on the device has finished (no-op where ops are eager)."""
 
+    # ---- memory: the KV pool on the device, the swap pool on the host ------------------
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int,
                           num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVCache:
-        """Per layer a zero-filled (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]."""
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return [(torch.zeros(shape, dtype=dtype, device=self.device),
-                 torch.zeros(shape, dtype=dtype, device=self.device))
-                for _ in range(num_layers)]
+        """Per layer a zero-filled (k_cache, v_cache), each [num_blocks, block_size, Hkv, D],
+        on self.device. Raises ValueError for an unsupported dtype or block size, and
+        OutOfDeviceMemory where the driver can tell the pool does not fit."""
+        self.capabilities.check(dtype, block_size)
+        return _zeros(num_layers, (num_blocks, block_size, num_kv_heads, head_dim), dtype,
+                      self.device)
 
+    def allocate_swap(self, num_layers: int, num_blocks: int, block_size: int,
+                      num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVCache:
+        """The host swap pool: per layer a zero-filled (k_host, v_host), each
+        [num_blocks, block_size, Hkv, D] in CPU memory (a driver may pin it for fast copies).
+        num_blocks here counts host blocks, independent of the device pool's."""
+        self.capabilities.check(dtype, block_size)
+        return _zeros(num_layers, (num_blocks, block_size, num_kv_heads, head_dim), dtype,
+                      torch.device("cpu"))
+
+    def swap_out(self, caches: KVCache, host_caches: KVCache, device_blocks: Blocks,
+                 host_blocks: Blocks) -> None:
+        """Copy device block device_blocks[i] to host block host_blocks[i], every layer, K and V.
+
+        caches from allocate_kv_cache, host_caches from allocate_swap, same layout. On
+        return the device blocks may be reused (call synchronize first on an async driver
+        if the copy is queued). Raises ValueError when the two block lists differ in length.
+        """
+        src, dst = _pair(device_blocks, self.device, host_blocks, torch.device("cpu"))
+        if src.numel() == 0:
+            return
+        for (k, v), (k_host, v_host) in zip(caches, host_caches, strict=True):
+            k_host.index_copy_(0, dst, k.index_select(0, src).to(k_host.device))
+            v_host.index_copy_(0, dst, v.index_select(0, src).to(v_host.device))
+
+    def swap_in(self, caches: KVCache, host_caches: KVCache, host_blocks: Blocks,
+                device_blocks: Blocks) -> None:
+        """Copy host block host_blocks[i] to device block device_blocks[i], every layer, K and V.
+
+        The inverse of swap_out; the host blocks are left as they were (free them after).
+        Raises ValueError when the two block lists differ in length.
+        """
+        src, dst = _pair(host_blocks, torch.device("cpu"), device_blocks, self.device)
+        if src.numel() == 0:
+            return
+        for (k, v), (k_host, v_host) in zip(caches, host_caches, strict=True):
+            k.index_copy_(0, dst, k_host.index_select(0, src).to(k.device))
+            v.index_copy_(0, dst, v_host.index_select(0, src).to(v.device))
+
+    # ---- KV ops ---------------------------------------------------------------------
     @abstractmethod
     def store_kv(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                  slot_mapping: Tensor) -> None:
@@ -59,8 +139,7 @@ class Driver(ABC):
         uses KV head h // (H // Hkv).
         """
 
-    def copy_blocks(self, caches: KVCache, src: Tensor | Sequence[int],
-                    dst: Tensor | Sequence[int]) -> None:
+    def copy_blocks(self, caches: KVCache, src: Blocks, dst: Blocks) -> None:
         """Copy block src[i] to block dst[i] in every layer, K and V (all reads before writes)."""
         src = torch.as_tensor(src, dtype=torch.int64, device=self.device)
         dst = torch.as_tensor(dst, dtype=torch.int64, device=self.device)
@@ -70,7 +149,7 @@ class Driver(ABC):
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
 
-    def poison_blocks(self, caches: KVCache, blocks: Tensor | Sequence[int]) -> None:
+    def poison_blocks(self, caches: KVCache, blocks: Blocks) -> None:
         """Fill the given blocks with NaN in every layer (debug mode: freed blocks must not be read)."""
         blocks = torch.as_tensor(blocks, dtype=torch.int64, device=self.device)
         if blocks.numel() == 0:
@@ -78,3 +157,19 @@ class Driver(ABC):
         for k_cache, v_cache in caches:
             k_cache.index_fill_(0, blocks, float("nan"))
             v_cache.index_fill_(0, blocks, float("nan"))
+
+
+def _zeros(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+           device: torch.device) -> KVCache:
+    return [(torch.zeros(shape, dtype=dtype, device=device),
+             torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+
+
+def _pair(src: Blocks, src_device: torch.device, dst: Blocks,
+          dst_device: torch.device) -> tuple[Tensor, Tensor]:
+    """Block lists as int64 index tensors on the devices they index; equal lengths."""
+    src = torch.as_tensor(src, dtype=torch.int64).to(src_device).flatten()
+    dst = torch.as_tensor(dst, dtype=torch.int64).to(dst_device).flatten()
+    if src.numel() != dst.numel():
+        raise ValueError(f"swap: {src.numel()} source blocks but {dst.numel()} destination blocks")
+    return src, dst

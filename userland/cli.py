@@ -11,6 +11,9 @@ import time
 import click
 
 
+DRIVER_HELP = 'cpu, cuda, an installed plugin, or "auto" (the best available); see `llmos drivers`.'
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """llmos: an operating system for LLM agents."""
@@ -39,7 +42,7 @@ def _engine(model: str, driver: str):
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True)
-@click.option("--driver", default="cpu", show_default=True)
+@click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
 def generate(prompt, model, chat, system, driver, **sampling) -> None:
     """Stream a completion of PROMPT from the engine, in this process."""
     from llmos.kernel import EngineError
@@ -73,7 +76,7 @@ def generate(prompt, model, chat, system, driver, **sampling) -> None:
 
 @main.command()
 @click.option("--model", "-m", default="tiny", show_default=True)
-@click.option("--driver", default="cpu", show_default=True)
+@click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
 def demo(model, driver) -> None:
     """Show the embedded model at work on its tasks (batched in one engine)."""
     from rich.console import Console
@@ -107,6 +110,42 @@ def demo(model, driver) -> None:
     tokens = engine.stats["generated_tokens"]
     console.print(f"{right}/{len(examples)} right; {tokens} tokens in {secs:.2f}s "
                   f"({tokens / secs:.0f} tok/s) in {engine.stats['steps']} engine steps")
+
+
+@main.command()
+def drivers() -> None:
+    """List the drivers: availability, device, memory, and plugins that failed to load."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from llmos.drivers import list_drivers, load_errors
+    from llmos.drivers.registry import current
+    console = Console()
+    table = Table(title="llmos drivers (entry-point group llmos.drivers)")
+    for col in ("driver", "status", "device", "memory free / total", "priority"):
+        table.add_column(col)
+    for d in list_drivers():
+        if d.load_error:
+            status = "[red]failed to load[/]"
+        elif d.available:
+            status = "[green]available[/]"
+        else:
+            status = f"[yellow]unavailable[/]: {escape(d.reason or '')}"
+        memory = f"{_size(d.memory[0])} / {_size(d.memory[1])}" if d.memory else ""
+        table.add_row(d.name, status, d.device or "", memory,
+                      "" if d.load_error else str(d.priority))
+    console.print(table)
+    try:
+        console.print(f"auto: {current().auto()}")
+    except ValueError as e:
+        console.print(f"auto: [red]{escape(str(e))}[/]")
+    for name, error in load_errors().items():
+        console.print(f"[red]load error[/] {name}: {escape(error)}")
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
 if __name__ == "__main__":
