@@ -49,8 +49,13 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
                 num_blocks: int | None = None, block_size: int = tunables.BLOCK_SIZE,
                 max_num_seqs: int = tunables.MAX_NUM_SEQS,
                 max_num_batched_tokens: int = tunables.MAX_NUM_BATCHED_TOKENS,
+                num_swap_blocks: int | None = None,
                 enable_prefix_caching: bool = True, poison: bool | None = None):
-    """Load a model directory onto a driver; raise CheckpointError naming what is wrong."""
+    """Load a model directory onto a driver; raise CheckpointError naming what is wrong.
+
+    num_blocks defaults to what kv_memory (bytes or "512M"; default a share of the
+    device's free memory) holds; num_swap_blocks, the host swap pool, to half of that.
+    """
     from llmos.drivers import get_driver
     drv = get_driver(driver) if isinstance(driver, str) else driver
     mdir = open_model_dir(resolve_model(path_or_name))
@@ -62,11 +67,14 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
     if num_blocks < 1 or block_size < 1:
         raise ValueError(f"KV pool: {num_blocks} blocks of {block_size} tokens is too small")
     max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+    if num_swap_blocks is None:
+        num_swap_blocks = int(num_blocks * tunables.SWAP_FRACTION)
     if poison is None:
         poison = os.environ.get(tunables.POISON_ENV) == "1"
     return cls(model, mdir.tokenizer, drv, num_blocks=num_blocks, block_size=block_size,
                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-               max_model_len=max_len, enable_prefix_caching=enable_prefix_caching, poison=poison)
+               max_model_len=max_len, num_swap_blocks=num_swap_blocks,
+               enable_prefix_caching=enable_prefix_caching, poison=poison)
 
 
 def _pool_blocks(drv, cfg, block_size, dtype, kv_memory) -> int:

@@ -8,7 +8,8 @@ convenience built on them.
 One step (`step`):
   1. the scheduler picks a batch under the token budget (preempting if KV runs out);
   2. requests that can never fit are refused;
-  3. copy-on-write block copies, then one forward pass for the whole batch;
+  3. one forward pass for the whole batch (block copies and swaps were done as the
+     scheduler decided them);
   4. newly full blocks enter the prefix cache;
   5. requests whose pending tokens all ran sample a token each;
   6. finished requests release their sequence; every request with news gets a Delta.
@@ -24,23 +25,32 @@ from .errors import ContextBusy, EngineError, KVOutOfMemory, NoSuchContext
 from .request import Completion, Context, Delta, Request, Sequence
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .swap import Swapper
 from .tokenizer import Tokenizer
 
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer, driver, *, num_blocks: int,
                  block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, enable_prefix_caching: bool = True, poison: bool = False):
-        from .scheduler import Scheduler
+                 max_model_len: int, num_swap_blocks: int = 0,
+                 enable_prefix_caching: bool = True, poison: bool = False):
         cfg = model.config
         self.model, self.tokenizer, self.driver = model, tokenizer, driver
         self.config, self.max_model_len, self.block_size = cfg, max_model_len, block_size
         dtype = next(model.parameters()).dtype
-        self.kv_caches = driver.allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size,
-                                                  cfg.num_key_value_heads, cfg.head_dim, dtype)
+        layout = dict(num_layers=cfg.num_hidden_layers, block_size=block_size,
+                      num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype)
+        self.kv_caches = driver.allocate_kv_cache(num_blocks=num_blocks, **layout)
         on_free = (lambda blocks: driver.poison_blocks(self.kv_caches, blocks)) if poison else None
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, on_free=on_free)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.swapper = None
+        if num_swap_blocks > 0:
+            host_caches = driver.allocate_swap(num_blocks=num_swap_blocks, **layout)
+            host = BlockManager(num_swap_blocks, block_size, enable_prefix_caching=False)
+            self.swapper = Swapper(driver, self.kv_caches, host_caches, host)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                   self._copy_blocks, self.swapper)
         self.runner = ModelRunner(model, driver, self.kv_caches, block_size)
         self.requests: dict[int, Request] = {}
         self.contexts: dict[int, Context] = {}
@@ -135,7 +145,7 @@ class Engine:
                                       f"fit in the {self.blocks.num_free_blocks} free blocks")
             touched.append(req)
         if batch.items:
-            sampling, logits = self.runner.run(batch.items, batch.copies)
+            sampling, logits = self.runner.run(batch.items)
             for req, n in batch.items:
                 self.blocks.commit_full_blocks(req.seq.table, req.seq.tokens)
                 touched.append(req)
@@ -166,8 +176,14 @@ class Engine:
             req.append(tok, eos)
         self.stats["generated_tokens"] += len(live)
 
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        self.driver.copy_blocks(self.kv_caches, [s for s, _ in pairs], [d for _, d in pairs])
+
     def _release(self, req: Request) -> None:
         self.scheduler.remove(req)
+        if req.swapped is not None:
+            self.swapper.drop(req.swapped)
+            req.swapped = None
         self.requests.pop(req.id, None)
         if req.context is not None:
             req.context.busy = None

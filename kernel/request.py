@@ -93,6 +93,7 @@ class Request:
         self.usage = Usage(prompt_tokens=self.output_start)
         self.started = False          # admitted once (usage.cached_tokens is then known)
         self.stopped = False          # SIGSTOP: not scheduled until resumed
+        self.swapped: BlockTable | None = None   # host blocks holding its KV while preempted
         self.finish_reason: str | None = None
         self.stop_hit = False         # ended by a stop string: the text is already cut
         self.error: str | None = None

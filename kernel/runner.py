@@ -19,13 +19,9 @@ class ModelRunner:
         self.block_size = block_size
 
     @torch.inference_mode()
-    def run(self, items: list[tuple[Request, int]], copies: list[tuple[int, int]]
-            ) -> tuple[list[Request], torch.Tensor | None]:
+    def run(self, items: list[tuple[Request, int]]) -> tuple[list[Request], torch.Tensor | None]:
         """Run `items` (request, tokens this step); return the requests that sample, and their
         logits [R, vocab] (None when none of them does)."""
-        if copies:
-            src, dst = zip(*copies)
-            self.driver.copy_blocks(self.kv_caches, torch.tensor(src), torch.tensor(dst))
         device, bs = self.driver.device, self.block_size
         ids, positions, slots, seq_lens, starts, tables = [], [], [], [], [0], []
         sampling, rows = [], []

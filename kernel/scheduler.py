@@ -1,25 +1,30 @@
-"""First-come first-served scheduling of requests over the KV pool, with preemption by recompute.
+"""First-come first-served scheduling of requests over the KV pool, with preemption.
 
 Each step gets a batch under a token budget. Every running request has some pending
 tokens (one when decoding, a chunk when prefilling or recomputing); the batch takes
 decodes first, then prefill chunks, then admits waiting requests in arrival order. A
 request that cannot get KV blocks preempts the most recently admitted request that is
-not in the batch yet: its blocks are freed and it goes back to the front of the queue,
-to be recomputed (largely from the prefix cache) when it is admitted again.
+not in the batch yet: its KV is swapped out to the host pool when that has room (else
+dropped, to be recomputed, largely from the prefix cache), its device blocks are freed,
+and it goes back to the front of the queue.
+
+Block copies (copy-on-write, swap) are done through the engine as soon as they are
+decided, so a block is always read before it can be freed and handed to someone else.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .blocks import BlockManager
 from .request import Request
+from .swap import Swapper
 
 
 @dataclass
 class Batch:
     items: list[tuple[Request, int]] = field(default_factory=list)  # request, tokens this step
-    copies: list[tuple[int, int]] = field(default_factory=list)     # copy-on-write (src, dst)
     refused: list[Request] = field(default_factory=list)            # can never get its KV
     preempted: set[int] = field(default_factory=set)                # ids of requests preempted
 
@@ -29,8 +34,10 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.blocks = blocks
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 copy_blocks: Callable[[list[tuple[int, int]]], None],
+                 swapper: Swapper | None = None):
+        self.blocks, self.copy_blocks, self.swapper = blocks, copy_blocks, swapper
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -65,8 +72,7 @@ class Scheduler:
                 continue
             n = min(req.seq.num_pending, budget)
             if self._make_room(req, n, batch):
-                batch.copies += self.blocks.append_slots(req.seq.table, n)
-                batch.items.append((req, n))
+                self._append(req, n, batch)
                 budget -= n
         self._admit(batch, budget)
         if not batch.items and not self.running:
@@ -91,10 +97,20 @@ class Scheduler:
             self.preempt(victim, batch)
         return True
 
+    def _append(self, req: Request, n: int, batch: Batch) -> None:
+        copies = self.blocks.append_slots(req.seq.table, n)
+        if copies:
+            self.copy_blocks(copies)
+        batch.items.append((req, n))
+
     def preempt(self, req: Request, batch: Batch) -> None:
+        """Swap the request's KV out if the host pool has room, else drop it; requeue first."""
         batch.preempted.add(id(req))
         self.running.remove(req)
-        self.blocks.free(req.seq.table)
+        table = req.seq.table
+        if self.swapper is not None and table.num_tokens and self.swapper.can_swap_out(table):
+            req.swapped = self.swapper.swap_out(table)
+        self.blocks.free(table)
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
@@ -105,18 +121,21 @@ class Scheduler:
             if req.stopped:
                 continue
             table = req.seq.table
-            fresh = table.num_tokens == 0
+            restore = req.swapped.num_tokens if req.swapped is not None else 0
+            fresh = table.num_tokens == 0 and not restore
             if fresh:
                 self.blocks.match_prefix(table, req.seq.tokens)
-            n = min(req.seq.num_pending, budget)
-            if not self.blocks.can_append(table, n):
+            n = min(len(req.seq.tokens) - max(restore, table.num_tokens), budget)
+            if not self.blocks.can_append(table, restore + n):
                 if fresh:
                     self.blocks.free(table)   # give back the prefix hits; they stay cached
                 return
+            if restore:
+                self.swapper.swap_in(req.swapped, table, self.blocks)
+                req.swapped = None
             if not req.started:
                 req.started, req.usage.cached_tokens = True, table.num_tokens
             self.waiting.remove(req)
             self.running.append(req)
-            batch.copies += self.blocks.append_slots(table, n)
-            batch.items.append((req, n))
+            self._append(req, n, batch)
             budget -= n

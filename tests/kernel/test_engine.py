@@ -91,16 +91,38 @@ def test_salt_keeps_owners_apart(ckpts):
         assert req.usage.cached_tokens == cached, salt
 
 
-def test_small_pool_preempts_and_gives_same_outputs(ckpts):
+@pytest.mark.parametrize("swap_blocks", [0, 32], ids=["recompute", "swap"])
+def test_small_pool_preempts_and_gives_same_outputs(ckpts, swap_blocks):
     prompts = prompts_for(128, lens=[30, 25, 20, 35, 28, 33, 22, 26], seed=4)
     big = engine_for(ckpts["llama"], num_blocks=64)
     want = [c.token_ids for c in big.generate(prompts, max_tokens=24, ignore_eos=True)]
-    small = engine_for(ckpts["llama"], num_blocks=8)     # one request needs up to 4 blocks
+    # one request needs up to 4 blocks: eight of them need 30
+    small = engine_for(ckpts["llama"], num_blocks=8, num_swap_blocks=swap_blocks)
     got = [c.token_ids for c in small.generate(prompts, max_tokens=24, ignore_eos=True)]
     assert got == want
     assert small.scheduler.num_preemptions > 0
+    if swap_blocks:
+        assert small.swapper.swapped_out > 0 and small.swapper.swapped_in == small.swapper.swapped_out
+        assert small.swapper.host.num_free_blocks == swap_blocks
     assert small.blocks.num_free_blocks == 8
     small.blocks.check_invariants()
+
+
+def test_sim_driver_of_small_capacity_swaps_and_loses_nothing(ckpts, monkeypatch):
+    """The sim plugin (examples/llmos-driver-sim) stands in for a small accelerator."""
+    monkeypatch.setenv("LLMOS_SIM_MEMORY", "64K")
+    path = ckpts["mistral"]
+    prompts = prompts_for(128, lens=[40, 33, 27, 45, 38, 30], seed=8)
+    want = [c.token_ids for c in engine_for(path).generate(prompts, max_tokens=20,
+                                                            ignore_eos=True)]
+    sim = Engine.from_pretrained(str(path), driver="sim", kv_memory="64K", poison=True)
+    need = sum(-(-(len(p) + 20) // 16) for p in prompts)
+    assert sim.num_blocks < need / 2       # the whole workload needs over twice the pool
+    got = [c.token_ids for c in sim.generate(prompts, max_tokens=20, ignore_eos=True)]
+    assert got == want
+    assert sim.swapper.swapped_out > 0
+    with pytest.raises(ValueError, match="does not fit"):
+        Engine.from_pretrained(str(path), driver="sim", kv_memory="128K")
 
 
 def test_request_that_can_never_fit_is_refused(ckpts):
