@@ -62,10 +62,10 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
     cfg = mdir.config
     torch_dtype = pick_dtype(dtype, cfg.torch_dtype, drv.device)
     model = CausalLM.from_weights(cfg, load_weights(mdir.path, cfg, torch_dtype), drv.device)
+    if block_size < 1 or (num_blocks is not None and num_blocks < 1):
+        raise ValueError(f"KV pool: {num_blocks} blocks of {block_size} tokens is too small")
     if num_blocks is None:
         num_blocks = _pool_blocks(drv, cfg, block_size, torch_dtype, kv_memory)
-    if num_blocks < 1 or block_size < 1:
-        raise ValueError(f"KV pool: {num_blocks} blocks of {block_size} tokens is too small")
     max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
     if num_swap_blocks is None:
         num_swap_blocks = int(num_blocks * tunables.SWAP_FRACTION)
@@ -85,6 +85,9 @@ def _pool_blocks(drv, cfg, block_size, dtype, kv_memory) -> int:
         budget = min(int(free * tunables.KV_MEMORY_FRACTION), tunables.KV_MEMORY_CAP)
     else:
         budget = parse_bytes(kv_memory)
+    if budget < per_block:
+        raise ValueError(f"KV pool: {budget} bytes hold no block of {block_size} tokens "
+                         f"({per_block} bytes for this model); give a larger kv_memory")
     return budget // per_block
 
 

@@ -227,3 +227,15 @@ def test_embedded_tiny_matches_transformers_and_answers():
             want = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)
         assert c.token_ids == want[0, len(ids):].tolist()
         assert tasks.score(task, c.text, expected), (c.text, expected)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kv_memory": "1K"}, "hold no block"),
+    ({"kv_memory": "lots"}, "not a size"),
+    ({"num_blocks": 0}, "too small"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"driver": "nope"}, "unknown driver"),
+])
+def test_bad_engine_options_are_clear_errors(ckpts, options, message):
+    with pytest.raises(ValueError, match=message):
+        Engine.from_pretrained(str(ckpts["llama"]), **options)
