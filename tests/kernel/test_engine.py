@@ -41,8 +41,19 @@ def hf_greedy(path, prompts, new_tokens=NEW_TOKENS) -> list[list[int]]:
     return out
 
 
+DRIVER = "cpu"
+
+
+@pytest.fixture(autouse=True, params=["cpu", "sim"])
+def driver(request, monkeypatch):
+    """Every engine test runs on the cpu driver and on the sim plugin driver."""
+    monkeypatch.setitem(globals(), "DRIVER", request.param)
+    return request.param
+
+
 def engine_for(path, **kw) -> Engine:
     kw.setdefault("num_blocks", 64)
+    kw.setdefault("driver", DRIVER)
     return Engine.from_pretrained(str(path), poison=True, **kw)
 
 
@@ -113,8 +124,8 @@ def test_sim_driver_of_small_capacity_swaps_and_loses_nothing(ckpts, monkeypatch
     monkeypatch.setenv("LLMOS_SIM_MEMORY", "64K")
     path = ckpts["mistral"]
     prompts = prompts_for(128, lens=[40, 33, 27, 45, 38, 30], seed=8)
-    want = [c.token_ids for c in engine_for(path).generate(prompts, max_tokens=20,
-                                                            ignore_eos=True)]
+    big = engine_for(path, driver="cpu")
+    want = [c.token_ids for c in big.generate(prompts, max_tokens=20, ignore_eos=True)]
     sim = Engine.from_pretrained(str(path), driver="sim", kv_memory="64K", poison=True)
     need = sum(-(-(len(p) + 20) // 16) for p in prompts)
     assert sim.num_blocks < need / 2       # the whole workload needs over twice the pool
@@ -215,7 +226,7 @@ def test_embedded_tiny_matches_transformers_and_answers():
 
     from llmos.kernel.boot import resolve_model
     from llmos.kernel.tiny import tasks
-    engine = Engine.from_pretrained("tiny", poison=True)
+    engine = Engine.from_pretrained("tiny", poison=True, driver=DRIVER)
     assert engine.config.num_key_value_heads < engine.config.num_attention_heads
     cases = [ex + (task,) for task in tasks.TASKS for ex in tasks.examples(task, 4, "test")]
     prompts = [engine.tokenizer.encode_chat(p) if isinstance(p, list) else engine.tokenizer.encode(p)
