@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmos.kernel import Engine  # noqa: E402
 from llmos.kernel.boot import resolve_model  # noqa: E402
 
-console = Console()
+console = Console(width=110)
 
 
 def random_llama(path: Path, layers: int = 4, hidden: int = 256, vocab: int = 32000) -> Path:
