@@ -102,9 +102,14 @@ class Engine:
         if (prompt is None) == (messages is None):
             raise EngineError("prompt: give exactly one of prompt text, token ids or messages")
         if messages is not None:
-            return self.tokenizer.encode_chat(messages)
+            try:
+                return self.tokenizer.encode_chat(messages)
+            except ValueError as e:     # no template, malformed messages, raise_exception()
+                raise EngineError(f"messages: {e}") from None
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)):
+            raise EngineError(f"prompt: text or a list of token ids, got {type(prompt).__name__}")
         tokens = list(prompt)
         vocab = self.config.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab

@@ -146,6 +146,14 @@ def test_request_that_can_never_fit_is_refused(ckpts):
         engine.add_request([3], top_p=0.0)
     with pytest.raises(EngineError, match="token ids"):
         engine.add_request([3, 10 ** 6])
+    with pytest.raises(EngineError, match="messages"):
+        engine.add_request(messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(EngineError, match="messages"):
+        engine.add_request(messages=["hi"])
+    with pytest.raises(EngineError, match="prompt"):
+        engine.add_request(42)
+    with pytest.raises(EngineError, match="not a sampling option"):
+        engine.add_request([3], temprature=0.5)
     assert engine.generate([[3, 4]], max_tokens=2)[0].finish_reason in ("length", "stop")
 
 
