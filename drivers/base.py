@@ -12,6 +12,7 @@ abstract method unimplemented.
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
@@ -157,6 +158,17 @@ class Driver(ABC):
         for k_cache, v_cache in caches:
             k_cache.index_fill_(0, blocks, float("nan"))
             v_cache.index_fill_(0, blocks, float("nan"))
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """512M, 1.5G, 4096 -> bytes; ValueError naming `what` and the value otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(value), re.I)
+    if not m:
+        raise ValueError(f"{what}: not a size: {value!r} (use e.g. 512M or 2G)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m[2].upper()]
+    return int(float(m[1]) * scale)
 
 
 def _zeros(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,

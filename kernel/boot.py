@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
+
+from llmos.drivers.base import parse_size
 
 from . import tunables
 from .config import CheckpointError
@@ -19,17 +20,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model(path_or_name: str | os.PathLike) -> Path:
     """"tiny" names the embedded model; anything else is a directory."""
     return EMBEDDED.get(str(path_or_name), Path(path_or_name))
-
-
-def parse_bytes(value: int | str) -> int:
-    """512M, 2G, 1048576 -> bytes; ValueError naming the value otherwise."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(value), re.I)
-    if not m:
-        raise ValueError(f"kv_memory: not a size: {value!r} (use e.g. 512M or 2G)")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m[2].upper()]
-    return int(float(m[1]) * scale)
 
 
 def pick_dtype(requested: str | torch.dtype | None, stored: str, device: torch.device):
@@ -84,7 +74,7 @@ def _pool_blocks(drv, cfg, block_size, dtype, kv_memory) -> int:
         free, _ = drv.memory_info()
         budget = min(int(free * tunables.KV_MEMORY_FRACTION), tunables.KV_MEMORY_CAP)
     else:
-        budget = parse_bytes(kv_memory)
+        budget = parse_size(kv_memory, "kv_memory")
     if budget < per_block:
         raise ValueError(f"KV pool: {budget} bytes hold no block of {block_size} tokens "
                          f"({per_block} bytes for this model); give a larger kv_memory")

@@ -9,28 +9,17 @@ loads them itself, not through the driver.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import weakref
 
 import torch
 
 from llmos.drivers import CpuDriver, KVCache, OutOfDeviceMemory
+from llmos.drivers.base import parse_size
 
 MEMORY_ENV = "LLMOS_SIM_MEMORY"            # device capacity, e.g. 64M; default 256M
 HOST_MEMORY_ENV = "LLMOS_SIM_HOST_MEMORY"  # swap pool capacity; default: the device's
 DEFAULT_MEMORY = "256M"
-
-
-def parse_size(value: int | str) -> int:
-    """64M, 1.5G, 4096 -> bytes; ValueError naming the value otherwise."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(value), re.I)
-    if not m:
-        raise ValueError(f"sim: not a memory size: {value!r} (use e.g. 64M or 2G)")
-    return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                              "T": 1 << 40}[m[2].upper()])
 
 
 class Pool:
@@ -70,8 +59,9 @@ class SimDriver(CpuDriver):
 
     def __init__(self, memory: int | str | None = None, host_memory: int | str | None = None):
         super().__init__()
-        memory = parse_size(memory or os.environ.get(MEMORY_ENV) or DEFAULT_MEMORY)
-        host_memory = parse_size(host_memory or os.environ.get(HOST_MEMORY_ENV) or memory)
+        memory = parse_size(memory or os.environ.get(MEMORY_ENV) or DEFAULT_MEMORY, "sim memory")
+        host_memory = parse_size(host_memory or os.environ.get(HOST_MEMORY_ENV) or memory,
+                                 "sim host memory")
         self.device_pool = Pool("KV cache", memory, MEMORY_ENV)
         self.host_pool = Pool("swap pool", host_memory, HOST_MEMORY_ENV)
 
