@@ -137,6 +137,15 @@ class Engine:
         self._emit(req)
         return True
 
+    def set_stopped(self, request_id: int, stopped: bool) -> bool:
+        """SIGSTOP / SIGCONT of LLM work: a stopped request is not scheduled (it keeps its
+        KV until the pool needs it). False if the request is not live."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        req.stopped = stopped
+        return True
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
