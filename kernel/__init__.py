@@ -1,8 +1,22 @@
-"""The llmos kernel: engine, scheduler, memory managers and models."""
-from .engine import Engine
-from .errors import ContextBusy, EngineError, KVOutOfMemory, NoSuchContext
-from .request import Completion, Delta, Usage
-from .sampling import SamplingParams
+"""The llmos kernel: engine, scheduler, memory managers, models, processes.
 
-__all__ = ["Engine", "Completion", "Delta", "Usage", "SamplingParams", "EngineError",
-           "NoSuchContext", "ContextBusy", "KVOutOfMemory"]
+The engine's names are loaded on first use, so that `llmos.kernel.proc` or
+`llmos.kernel.home` can be imported without pulling in torch.
+"""
+import importlib
+
+_LAZY = {
+    "Engine": ".engine", "EngineError": ".errors", "NoSuchContext": ".errors",
+    "ContextBusy": ".errors", "KVOutOfMemory": ".errors", "Completion": ".request",
+    "Delta": ".request", "Usage": ".request", "SamplingParams": ".sampling",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'llmos.kernel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
