@@ -1,0 +1,319 @@
+"""The kernel's syscall server: one ZeroMQ ROUTER, owned by one I/O thread.
+
+The I/O thread receives, decodes, dispatches through the SyscallTable and sends. Other
+threads (the engine) never touch the socket: `Call.reply/error/event` append to an outbox
+(a deque) and wake the I/O thread through a pipe it polls next to the ROUTER.
+
+Frames: [peer identity, header, *binary frames] in; [peer identity, message] out.
+A request whose header cannot be decoded or has no usable id is answered with "id": null
+and its code (EPROTO or E2BIG), so a raw peer learns why; our client ignores such replies.
+
+Streaming (coalescing policy): outbound messages wait in a queue per peer until the
+socket takes them. A delta event still waiting there absorbs every later delta of the
+same call (wire.Delta: text and token ids concatenate, other keys take the newest
+value), so a reader that falls behind gets fewer, larger deltas, never lost or
+reordered text, and the server holds at most one unsent delta per call.
+
+A peer that vanished (ROUTER_MANDATORY: EHOSTUNREACH on send) or stopped reading for too
+long (its queue past MAX_BACKLOG) is dropped: its calls are finished silently and
+`on_peer_gone(conn)` tells the kernel.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections import deque
+
+import zmq
+
+from . import wire
+from .errors import EAGAIN, EINVAL, WireError
+from .table import Call, ConnState, SyscallTable, shutdown_error
+
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
+log = logging.getLogger("llmos.syscalls")
+
+HWM = 1000                  # messages queued in zmq per peer and direction
+MAX_INFLIGHT = 1024         # calls in flight per connection, then EAGAIN
+MAX_BACKLOG = 4 * MAX_INFLIGHT  # unsent messages per peer before it is dropped as not reading
+MAX_CONNS = 4096            # peers remembered; past it the longest-idle one without calls goes
+RECV_BATCH = 256            # requests taken per wakeup before serving the outbox again
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def hard_cap(max_message: int) -> int:
+    """libzmq's MAXMSGSIZE: a frame past it makes libzmq drop the peer's connection, unanswered.
+    Between max_message and this cap a message gets a proper E2BIG reply."""
+    return 2 * max_message + 4096
+
+
+def check_endpoint(endpoint: str, curve: bool) -> str | None:
+    """The ipc socket path (or None for tcp). Raises ValueError for an endpoint we refuse:
+    anything but ipc:// and tcp://, or a non-loopback tcp address without CURVE."""
+    if endpoint.startswith("ipc://"):
+        return endpoint[len("ipc://"):]
+    if endpoint.startswith("tcp://"):
+        host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+        if host not in LOOPBACK and not curve:
+            raise ValueError(f"refusing {endpoint}: a non-loopback address needs CURVE keys")
+        return None
+    raise ValueError(f"unsupported endpoint {endpoint!r}: use ipc://path or tcp://127.0.0.1:port")
+
+
+class Server:
+    """Serve `table` at `endpoint`. start() binds (raises zmq.ZMQError / ValueError) and
+    starts the I/O thread; close() stops it. `on_peer_gone(conn)` runs on the I/O thread."""
+
+    def __init__(self, endpoint: str, table: SyscallTable, *, on_peer_gone=None,
+                 curve_secret_key: bytes | None = None, max_message: int = wire.MAX_MESSAGE,
+                 hwm: int = HWM):
+        self.endpoint, self.table = endpoint, table
+        self.on_peer_gone = on_peer_gone
+        self.max_message, self.hwm = max_message, hwm
+        self._curve = curve_secret_key
+        self._ipc_path = check_endpoint(endpoint, curve_secret_key is not None)
+        # Any thread: the outbox and its wakeup.
+        self._outbox: deque = deque()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        # I/O thread only.
+        self._conns: dict[bytes, ConnState] = {}
+        self._queues: dict[bytes, deque] = {}     # peer -> [call id, kind, data] not yet sent
+        self._open_ev: dict[tuple, list] = {}     # (peer, call id) -> its unsent delta
+        self._stopping = False
+        self._cancel_on_close = True
+        self._thread: threading.Thread | None = None
+        self._sock = None
+
+    # ---- life cycle -----------------------------------------------------------------
+    def start(self) -> "Server":
+        self._ctx = zmq.Context()
+        s = self._sock = self._ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.SNDHWM, self.hwm)
+        s.setsockopt(zmq.RCVHWM, self.hwm)
+        s.setsockopt(zmq.MAXMSGSIZE, hard_cap(self.max_message))
+        s.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            s.curve_server = True
+            s.curve_secretkey = self._curve
+        s.bind(self.endpoint)
+        if self._ipc_path:
+            os.chmod(self._ipc_path, 0o600)
+        self._thread = threading.Thread(target=self._run, name="llmos-syscalls-io", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, cancel: bool = True, timeout: float = 5.0) -> None:
+        """Stop serving. cancel: answer every call in flight with ECANCELED first."""
+        if self._thread is None:
+            return
+        self._cancel_on_close, self._stopping = cancel, True
+        self._wake()
+        self._thread.join(timeout)
+        self._thread = None
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._ctx.term()
+        if self._ipc_path:
+            try:
+                os.unlink(self._ipc_path)
+            except FileNotFoundError:
+                pass
+
+    def connections(self) -> list[ConnState]:
+        """A snapshot of the peers known now (for ps and tests)."""
+        return list(self._conns.values())
+
+    # ---- any thread -----------------------------------------------------------------
+    def post(self, peer: bytes, cid, kind: str, data) -> None:
+        """Queue an outbound message ("msg": encoded bytes, "ev": a delta payload)."""
+        self._outbox.append((peer, cid, kind, data))
+        if threading.get_ident() != self._io_ident:
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    _io_ident = None
+
+    # ---- I/O thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        self._io_ident = threading.get_ident()
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(5 if self._queues else 1000))
+                if self._wake_r in ready:
+                    self._take_wakeup()
+                if self._sock in ready:
+                    self._recv_batch()
+                self._serve_outbox()
+        except Exception:
+            log.exception("syscall I/O thread crashed")
+        finally:
+            self._shutdown()
+
+    def _take_wakeup(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        with self._wake_lock:
+            self._wake_pending = False
+
+    def _recv_batch(self) -> None:
+        sock = self._sock
+        for _ in range(RECV_BATCH):
+            if not sock.getsockopt(_EVENTS) & _POLLIN:   # cheaper than catching Again
+                return
+            self._handle(sock.recv_multipart(zmq.NOBLOCK))
+            self._serve_outbox()
+
+    def _handle(self, frames: list) -> None:
+        conn = self._conn(frames[0])
+        try:
+            req = wire.decode_request(frames[1:], self.max_message)
+        except WireError as e:
+            log.debug("%s: bad message: %s", conn.name(), e)
+            return self._enqueue(conn.peer, e.call_id, "msg", wire.encode_error(e.call_id, e.code, e.msg))
+        call = Call(conn, req.id, req.nr, self.post, req.frames)
+        with conn.lock:
+            if req.id in conn.calls:
+                clash = EINVAL, f"call id {req.id} is already in flight"
+            elif len(conn.calls) >= MAX_INFLIGHT:
+                clash = EAGAIN, f"more than {MAX_INFLIGHT} calls in flight"
+            else:
+                clash = None
+                conn.calls[req.id] = call
+        if clash:
+            return self._enqueue(conn.peer, req.id, "msg", wire.encode_error(req.id, *clash))
+        self.table.dispatch(call, req.args)
+
+    def _conn(self, peer: bytes) -> ConnState:
+        conn = self._conns.get(peer)
+        if conn is None:
+            if len(self._conns) >= MAX_CONNS:
+                self._evict_idle()
+            conn = self._conns[peer] = ConnState(peer)
+        conn.last_seen = time.monotonic()
+        return conn
+
+    def _evict_idle(self) -> None:
+        idle = [c for c in self._conns.values() if not c.calls]
+        if idle:
+            victim = min(idle, key=lambda c: c.last_seen)
+            self._drop_peer(victim.peer, "forgotten (too many peers)")
+
+    def _serve_outbox(self) -> None:
+        out = self._outbox
+        while out:
+            peer, cid, kind, data = out.popleft()
+            if peer not in self._conns:
+                continue
+            if kind == "msg" and not self._queues and self._send_now(peer, data):
+                continue                    # fast path: nothing queued, the socket took it
+            self._enqueue(peer, cid, kind, data)
+        for peer in list(self._queues):
+            self._flush(peer)
+
+    def _send_now(self, peer: bytes, frame: bytes) -> bool:
+        try:
+            self._sock.send_multipart([peer, frame], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False                    # Again or a gone peer: the queue path sorts it out
+
+    def _enqueue(self, peer: bytes, cid, kind: str, data) -> None:
+        """Append to peer's queue, merging a delta into that call's unsent one (the policy)."""
+        key = (peer, cid)
+        if kind == "ev":
+            pending = self._open_ev.get(key)
+            if pending is not None:
+                if not isinstance(pending[2], wire.Delta):
+                    pending[2] = wire.Delta(pending[2])
+                pending[2].add(data)
+                return
+        item = [cid, kind, data]
+        q = self._queues.setdefault(peer, deque())
+        q.append(item)
+        if kind == "ev":
+            self._open_ev[key] = item
+        else:
+            self._open_ev.pop(key, None)
+        if len(q) > MAX_BACKLOG:
+            self._drop_peer(peer, f"not reading ({len(q)} messages unsent)")
+
+    def _flush(self, peer: bytes) -> None:
+        q = self._queues.get(peer)
+        while q:
+            cid, kind, data = q[0]
+            frame = data if kind == "msg" else self._encode_event(cid, data)
+            try:
+                if frame is not None:
+                    self._sock.send_multipart([peer, frame], zmq.NOBLOCK)
+            except zmq.Again:
+                return                          # its pipe is full: retry in a few ms
+            except zmq.ZMQError as e:
+                if e.errno != errno.EHOSTUNREACH:
+                    raise
+                return self._drop_peer(peer, "gone")
+            q.popleft()
+            if kind == "ev":
+                self._open_ev.pop((peer, cid), None)
+        self._queues.pop(peer, None)
+
+    @staticmethod
+    def _encode_event(cid, payload):
+        if isinstance(payload, wire.Delta):
+            payload = payload.payload()
+        try:
+            return wire.encode_event(cid, payload)
+        except Exception as e:
+            log.error("call %s: dropping an unencodable event: %s", cid, e)
+            return None
+
+    def _drop_peer(self, peer: bytes, why: str) -> None:
+        conn = self._conns.pop(peer, None)
+        q = self._queues.pop(peer, ())
+        for cid, _, _ in q:
+            self._open_ev.pop((peer, cid), None)
+        if conn is None:
+            return
+        conn.gone = True
+        calls = conn.in_flight()
+        for call in calls:
+            call.cancel_silently()
+        log.info("%s: %s; %d call(s) dropped", conn.name(), why, len(calls))
+        if self.on_peer_gone is not None:
+            try:
+                self.on_peer_gone(conn)
+            except Exception:
+                log.exception("on_peer_gone failed for %s", conn.name())
+
+    def _shutdown(self) -> None:
+        if self._cancel_on_close:
+            for conn in list(self._conns.values()):
+                for call in conn.in_flight():
+                    shutdown_error(call)
+            deadline = time.monotonic() + 0.5
+            self._serve_outbox()
+            while self._queues and time.monotonic() < deadline:
+                time.sleep(0.005)
+                self._serve_outbox()
+        self._sock.close(linger=100)

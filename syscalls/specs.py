@@ -1,0 +1,57 @@
+"""The argument spec of every syscall: what each number accepts, checked before a handler runs.
+
+Limits live here, each with why; they bound what one message can make the kernel do.
+"""
+from __future__ import annotations
+
+from .args import Bool, Dict, Float, Int, List, Messages, Signal, Spec, Str
+from .numbers import Sys
+
+MAX_TEXT = 4 << 20           # characters in a prompt or text to tokenize: ~1M tokens
+MAX_TOKENS_IN = 1 << 20      # token ids in one prompt: above any supported context length
+MAX_ARGV = 256               # entries of a spawned argv, as a modest shell would allow
+MAX_STOPS = 16               # stop strings / stop token ids of one generate call
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+_pid = dict(min=0, max=(1 << 31) - 1)
+_handle = dict(min=0, max=INT64[1])   # context and call handles are kernel-issued ints
+_nice = dict(min=-20, max=19)
+_token_ids = List(Int(min=0, max=(1 << 31) - 1), max_len=MAX_TOKENS_IN)
+
+SPECS: dict[Sys, Spec] = {
+    Sys.PING: Spec(),
+    Sys.HELLO: Spec(token=Str(256, required=True)),
+    Sys.SYSCALLS: Spec(),
+    Sys.SYSINFO: Spec(),
+    Sys.SPAWN: Spec(argv=List(Str(4096), max_len=MAX_ARGV, min_len=1, required=True),
+                    name=Str(64), nice=Int(**_nice),
+                    env=Dict(Str(32 << 10), max_len=256)),
+    Sys.EXIT: Spec(status=Int(min=-(1 << 31), max=(1 << 31) - 1, required=True)),
+    Sys.WAIT: Spec(pid=Int(**_pid, required=True), timeout=Float(min=0, max=1e9)),
+    Sys.KILL: Spec(pid=Int(**_pid, required=True), sig=Signal(default="TERM")),
+    Sys.PS: Spec(),
+    Sys.GETPID: Spec(),
+    Sys.NICE: Spec(pid=Int(**_pid), value=Int(**_nice, required=True)),
+    Sys.GENERATE: Spec(
+        one_of=[("prompt", "messages", "token_ids")],
+        prompt=Str(MAX_TEXT), messages=Messages(content_len=MAX_TEXT),
+        token_ids=_token_ids,
+        max_tokens=Int(min=0, max=1 << 20), temperature=Float(min=0, max=100),
+        top_k=Int(min=0, max=1 << 20), top_p=Float(min=0, max=1, min_open=True),
+        min_p=Float(min=0, max=1), seed=Int(*INT64),
+        stop=List(Str(256, min_len=1), max_len=MAX_STOPS),
+        stop_token_ids=List(Int(min=0, max=(1 << 31) - 1), max_len=MAX_STOPS),
+        ignore_eos=Bool(), context=Int(**_handle), stream=Bool(default=False),
+        model=Str(256)),
+    Sys.CANCEL: Spec(call=Int(**_handle, required=True)),
+    Sys.CONTEXT_CREATE: Spec(at_most_one=[("system", "messages")], system=Str(MAX_TEXT),
+                             messages=Messages(content_len=MAX_TEXT), model=Str(256)),
+    Sys.CONTEXT_FORK: Spec(context=Int(**_handle, required=True)),
+    Sys.CONTEXT_FREE: Spec(context=Int(**_handle, required=True)),
+    Sys.CONTEXT_INFO: Spec(context=Int(**_handle, required=True)),
+    Sys.TOKENIZE: Spec(text=Str(MAX_TEXT, required=True), model=Str(256)),
+    Sys.DETOKENIZE: Spec(token_ids=List(_token_ids.of, max_len=MAX_TOKENS_IN, required=True),
+                         model=Str(256)),
+    Sys.MEMINFO: Spec(),
+    Sys.MODELS: Spec(),
+}

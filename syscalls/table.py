@@ -1,0 +1,178 @@
+"""The syscall table (xv6 `syscall.c`): number -> (name, spec, handler), and the dispatcher.
+
+A handler is `handler(call: Call, args: dict) -> result | PENDING`, called on the server's
+I/O thread with arguments already validated against the number's spec. It is thin and
+must not block: it either returns the result at once, or returns PENDING and some other
+thread (the engine) later finishes the call with `call.reply(...)` / `call.error(...)`,
+after any number of `call.event(...)` deltas. Raising SyscallError gives an error reply;
+any other exception gives EIO and a log line. Nothing is ever looked up by a name off the wire.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, NamedTuple
+
+from . import wire
+from .errors import EACCES, ECANCELED, EIO, ENOSYS, SyscallError
+from .numbers import Sys, sys_name
+from .specs import SPECS
+
+log = logging.getLogger("llmos.syscalls")
+
+PENDING = type("Pending", (), {"__repr__": lambda self: "PENDING"})()
+"""Returned by a handler that will finish its call later, from another thread."""
+
+OPEN_BEFORE_HELLO = frozenset({Sys.PING, Sys.HELLO})
+
+
+class ConnState:
+    """One peer (a DEALER identity) as the server sees it.
+
+    I/O thread only: peer, authenticated, last_seen. The kernel's (hello handler): pid, data.
+    Guarded by self.lock: calls (call id -> Call in flight).
+    """
+
+    def __init__(self, peer: bytes):
+        self.peer = peer
+        self.authenticated = False
+        self.pid = None
+        self.data: dict = {}          # the kernel's own per-connection state
+        self.last_seen = time.monotonic()
+        self.gone = False
+        self.lock = threading.Lock()
+        self.calls: dict[int, Call] = {}
+
+    def name(self) -> str:
+        """'pid 12' or 'peer 0a1b2c3d' for log lines."""
+        return f"pid {self.pid}" if self.pid is not None else f"peer {self.peer.hex()}"
+
+    def in_flight(self) -> list:
+        with self.lock:
+            return list(self.calls.values())
+
+    def forget(self, cid: int) -> None:
+        with self.lock:
+            self.calls.pop(cid, None)
+
+
+class Call:
+    """One syscall in flight. Thread-safe: any thread may reply, fail or stream events.
+
+    `reply`, `error` finish the call (the first one wins; later ones return False and send
+    nothing). `event` sends a delta before the reply; deltas a slow reader has not taken yet
+    are coalesced (see server.py). Everything goes through the server's outbox: no thread
+    but the server's I/O thread ever touches the socket.
+    """
+    __slots__ = ("conn", "id", "nr", "frames", "_post", "_lock", "_done")
+
+    def __init__(self, conn: ConnState, cid: int, nr: int, post: Callable, frames=()):
+        self.conn, self.id, self.nr, self.frames = conn, cid, nr, frames
+        self._post = post             # post(peer, call_id, kind, data): the server's outbox
+        self._lock = threading.Lock()
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def reply(self, result: Any = None) -> bool:
+        """Finish with `result`; an unencodable result becomes EIO. False if already finished."""
+        try:
+            frame = wire.encode_reply(self.id, result)
+        except Exception as e:
+            log.error("%s: %s returned an unencodable result: %s", self.conn.name(), sys_name(self.nr), e)
+            frame = wire.encode_error(self.id, EIO, f"{sys_name(self.nr)}: unencodable result")
+        return self._finish(frame)
+
+    def error(self, code: str, msg: str = "") -> bool:
+        """Finish with an error reply. False if already finished."""
+        return self._finish(wire.encode_error(self.id, code, msg))
+
+    def event(self, payload: dict) -> bool:
+        """Send a delta event (a map; str and list values concatenate when coalesced)."""
+        if self._done:
+            return False
+        self._post(self.conn.peer, self.id, "ev", payload)
+        return True
+
+    def cancel_silently(self) -> bool:
+        """Mark finished without sending anything (the peer is gone). False if already finished."""
+        return self._finish(None)
+
+    def _finish(self, frame) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        self.conn.forget(self.id)
+        if frame is not None:
+            self._post(self.conn.peer, self.id, "msg", frame)
+        return True
+
+
+class Entry(NamedTuple):
+    name: str
+    spec: Any
+    handler: Callable | None
+
+
+class SyscallTable:
+    """Number -> Entry. Built with every number of Sys and its spec; handlers come later.
+
+    PING and SYSCALLS have built-in handlers; the kernel registers the rest (and may
+    replace the built-ins). A number with no handler answers ENOSYS.
+    """
+
+    def __init__(self, specs=SPECS):
+        self._entries = {int(nr): Entry(Sys(nr).name.lower(), spec, None) for nr, spec in specs.items()}
+        self.register(Sys.PING, lambda call, args: {})
+        self.register(Sys.SYSCALLS, lambda call, args: self.describe())
+
+    def register(self, nr: int, handler: Callable) -> None:
+        """Install handler(call, args) for syscall nr. Raises KeyError for an unknown number."""
+        if int(nr) not in self._entries:
+            raise KeyError(f"no syscall number {nr}")
+        if not callable(handler):
+            raise TypeError(f"handler for {sys_name(nr)} is not callable")
+        self._entries[int(nr)] = self._entries[int(nr)]._replace(handler=handler)
+
+    def entry(self, nr: int) -> Entry | None:
+        return self._entries.get(nr)
+
+    def describe(self) -> list:
+        """Introspection as plain data: [{nr, name, implemented, args, ...}] by number."""
+        return [{"nr": nr, "name": e.name, "implemented": e.handler is not None, **e.spec.describe()}
+                for nr, e in sorted(self._entries.items())]
+
+    def dispatch(self, call: Call, args: dict) -> None:
+        """Answer `call` (or leave it to its handler): ENOSYS, EACCES, argument errors, the
+        handler's result or error, or EIO for a handler's bug. Never raises."""
+        e = self._entries.get(call.nr)
+        if e is None or e.handler is None:
+            log.warning("%s: unknown sys call %d%s", call.conn.name(), call.nr,
+                        "" if e is None else f" ({e.name}: no handler)")
+            call.error(ENOSYS, f"no syscall {call.nr}" if e is None else f"{e.name}: not implemented")
+            return
+        if not call.conn.authenticated and call.nr not in OPEN_BEFORE_HELLO:
+            call.error(EACCES, f"{e.name}: say hello first")
+            return
+        try:
+            result = e.handler(call, e.spec.validate(args))
+        except SyscallError as err:
+            call.error(err.code, err.msg)
+            return
+        except Exception:
+            log.exception("%s: %s failed", call.conn.name(), e.name)
+            call.error(EIO, f"{e.name}: internal error")
+            return
+        if call.nr == Sys.HELLO and result is not PENDING:
+            call.conn.authenticated = True    # hello must answer at once; no exception: accepted
+        if result is not PENDING:
+            call.reply(result)
+
+
+def shutdown_error(call: Call) -> bool:
+    """Fail an in-flight call because the kernel is going away."""
+    return call.error(ECANCELED, "kernel shutting down")

@@ -1,0 +1,177 @@
+"""Argument specs: every syscall's spec accepts its good arguments and names the bad one."""
+import json
+import math
+
+import pytest
+
+from llmos.syscalls.args import Bool, Bytes, Dict, Float, Int, List, Messages, Signal, Spec, Str
+from llmos.syscalls.errors import E2BIG, EINVAL, SyscallError
+from llmos.syscalls.numbers import Sys
+from llmos.syscalls.specs import SPECS
+
+MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+GOOD = {
+    Sys.PING: [{}],
+    Sys.HELLO: [{"token": "abc"}],
+    Sys.SYSCALLS: [{}], Sys.SYSINFO: [{}], Sys.PS: [{}], Sys.GETPID: [{}],
+    Sys.MEMINFO: [{}], Sys.MODELS: [{}],
+    Sys.SPAWN: [{"argv": ["python", "-c", "pass"]},
+                {"argv": ["a"], "name": "agent", "nice": -20, "env": {"K": "v"}}],
+    Sys.EXIT: [{"status": 0}, {"status": -1}],
+    Sys.WAIT: [{"pid": 3}, {"pid": 3, "timeout": 1.5}, {"pid": 3, "timeout": 2}],
+    Sys.KILL: [{"pid": 3}, {"pid": 3, "sig": "KILL"}, {"pid": 3, "sig": "SIGSTOP"}, {"pid": 3, "sig": 18}],
+    Sys.NICE: [{"value": 5}, {"pid": 2, "value": 19}],
+    Sys.GENERATE: [{"prompt": "hi"}, {"messages": MSGS}, {"token_ids": [1, 2, 3]},
+                   {"prompt": "x", "max_tokens": 16, "temperature": 0.7, "top_k": 40, "top_p": 1,
+                    "min_p": 0.05, "seed": -5, "stop": ["\n"], "stop_token_ids": [2],
+                    "ignore_eos": True, "context": 4, "stream": True, "model": "tiny"}],
+    Sys.CANCEL: [{"call": 12}],
+    Sys.CONTEXT_CREATE: [{}, {"system": "You are terse."}, {"messages": MSGS}],
+    Sys.CONTEXT_FORK: [{"context": 1}], Sys.CONTEXT_FREE: [{"context": 1}],
+    Sys.CONTEXT_INFO: [{"context": 1}],
+    Sys.TOKENIZE: [{"text": "hello"}, {"text": ""}],
+    Sys.DETOKENIZE: [{"token_ids": [1, 2]}, {"token_ids": []}],
+}
+
+# (syscall, args, code, words the message must contain)
+BAD = [
+    (Sys.PING, {"x": 1}, EINVAL, "unknown argument 'x'"),
+    (Sys.HELLO, {}, EINVAL, "missing argument 'token'"),
+    (Sys.HELLO, {"token": 5}, EINVAL, "'token': expected str, got int"),
+    (Sys.HELLO, {"token": "x" * 257}, E2BIG, "'token': too long"),
+    (Sys.SPAWN, {}, EINVAL, "missing argument 'argv'"),
+    (Sys.SPAWN, {"argv": []}, EINVAL, "'argv': needs at least 1"),
+    (Sys.SPAWN, {"argv": "python"}, EINVAL, "'argv': expected list, got str"),
+    (Sys.SPAWN, {"argv": ["a", 3]}, EINVAL, "'argv[1]': expected str, got int"),
+    (Sys.SPAWN, {"argv": ["a"] * 257}, E2BIG, "'argv': too long"),
+    (Sys.SPAWN, {"argv": ["a"], "nice": 20}, EINVAL, "'nice': 20 is above the maximum 19"),
+    (Sys.SPAWN, {"argv": ["a"], "nice": True}, EINVAL, "'nice': expected int, got bool"),
+    (Sys.SPAWN, {"argv": ["a"], "env": {"K": 1}}, EINVAL, "'env['K']': expected str"),
+    (Sys.SPAWN, {"argv": ["a"], "env": ["K"]}, EINVAL, "'env': expected map"),
+    (Sys.SPAWN, {"argv": ["a"], "env": {"": "v"}}, EINVAL, "'env key': too short"),
+    (Sys.EXIT, {}, EINVAL, "missing argument 'status'"),
+    (Sys.EXIT, {"status": 1.0}, EINVAL, "'status': expected int, got float"),
+    (Sys.WAIT, {"pid": -1}, EINVAL, "'pid': -1 is below the minimum 0"),
+    (Sys.WAIT, {"pid": 1, "timeout": math.nan}, EINVAL, "'timeout': expected a finite float"),
+    (Sys.WAIT, {"pid": 1, "timeout": math.inf}, EINVAL, "'timeout': expected a finite float"),
+    (Sys.WAIT, {"pid": 1, "timeout": -1.0}, EINVAL, "'timeout': -1.0 must be >= 0"),
+    (Sys.WAIT, {"pid": 1, "timeout": "1"}, EINVAL, "'timeout': expected float, got str"),
+    (Sys.KILL, {"pid": 1, "sig": "HUP"}, EINVAL, "'sig': 'HUP' is not one of TERM, KILL"),
+    (Sys.KILL, {"pid": 1, "sig": 1}, EINVAL, "'sig': 1 is not one of"),
+    (Sys.KILL, {"pid": 1, "sig": [9]}, EINVAL, "'sig': expected a signal name or number"),
+    (Sys.KILL, {"pid": 1, "sig": True}, EINVAL, "'sig': expected a signal"),
+    (Sys.NICE, {"pid": 1}, EINVAL, "missing argument 'value'"),
+    (Sys.NICE, {"value": -21}, EINVAL, "'value': -21 is below the minimum -20"),
+    (Sys.GENERATE, {}, EINVAL, "exactly one of prompt, messages, token_ids"),
+    (Sys.GENERATE, {"prompt": "a", "token_ids": [1]}, EINVAL, "got 'prompt' and 'token_ids'"),
+    (Sys.GENERATE, {"prompt": 3}, EINVAL, "'prompt': expected str, got int"),
+    (Sys.GENERATE, {"prompt": b"x"}, EINVAL, "'prompt': expected str, got bytes"),
+    (Sys.GENERATE, {"prompt": "x" * ((4 << 20) + 1)}, E2BIG, "'prompt': too long"),
+    (Sys.GENERATE, {"token_ids": [1, -2]}, EINVAL, "'token_ids[1]': -2 is below the minimum 0"),
+    (Sys.GENERATE, {"token_ids": [1, "2"]}, EINVAL, "'token_ids[1]': expected int, got str"),
+    (Sys.GENERATE, {"token_ids": [1, True]}, EINVAL, "'token_ids[1]': expected int, got bool"),
+    (Sys.GENERATE, {"token_ids": [0] * ((1 << 20) + 1)}, E2BIG, "'token_ids': too long"),
+    (Sys.GENERATE, {"messages": []}, EINVAL, "'messages': needs at least one"),
+    (Sys.GENERATE, {"messages": [{"role": "user"}]}, EINVAL, "'messages[0].content': missing"),
+    (Sys.GENERATE, {"messages": [{"role": "god", "content": "x"}]}, EINVAL, "'messages[0].role': 'god' is not one of"),
+    (Sys.GENERATE, {"messages": [{"role": "user", "content": 1}]}, EINVAL, "'messages[0].content': expected str"),
+    (Sys.GENERATE, {"messages": [{"role": "user", "content": "x", "name": "n"}]}, EINVAL, "'messages[0].name': unknown"),
+    (Sys.GENERATE, {"messages": ["hi"]}, EINVAL, "'messages[0]': expected a map"),
+    (Sys.GENERATE, {"messages": {"role": "user"}}, EINVAL, "'messages': expected list of messages"),
+    (Sys.GENERATE, {"prompt": "x", "max_tokens": -1}, EINVAL, "'max_tokens': -1 is below"),
+    (Sys.GENERATE, {"prompt": "x", "max_tokens": 1 << 21}, EINVAL, "'max_tokens': 2097152 is above"),
+    (Sys.GENERATE, {"prompt": "x", "temperature": -0.1}, EINVAL, "'temperature': -0.1 must be >= 0"),
+    (Sys.GENERATE, {"prompt": "x", "temperature": math.nan}, EINVAL, "'temperature': expected a finite"),
+    (Sys.GENERATE, {"prompt": "x", "temperature": True}, EINVAL, "'temperature': expected float, got bool"),
+    (Sys.GENERATE, {"prompt": "x", "top_p": 0}, EINVAL, "'top_p': 0.0 must be > 0"),
+    (Sys.GENERATE, {"prompt": "x", "top_p": 1.01}, EINVAL, "'top_p': 1.01 must be <= 1"),
+    (Sys.GENERATE, {"prompt": "x", "top_k": -1}, EINVAL, "'top_k'"),
+    (Sys.GENERATE, {"prompt": "x", "min_p": 2}, EINVAL, "'min_p'"),
+    (Sys.GENERATE, {"prompt": "x", "seed": 1 << 63}, EINVAL, "'seed'"),
+    (Sys.GENERATE, {"prompt": "x", "stop": "\n"}, EINVAL, "'stop': expected list"),
+    (Sys.GENERATE, {"prompt": "x", "stop": [""]}, EINVAL, "'stop[0]': too short"),
+    (Sys.GENERATE, {"prompt": "x", "stop": ["a"] * 17}, E2BIG, "'stop': too long"),
+    (Sys.GENERATE, {"prompt": "x", "stop_token_ids": [1.5]}, EINVAL, "'stop_token_ids[0]': expected int"),
+    (Sys.GENERATE, {"prompt": "x", "ignore_eos": 1}, EINVAL, "'ignore_eos': expected bool, got int"),
+    (Sys.GENERATE, {"prompt": "x", "stream": "yes"}, EINVAL, "'stream': expected bool, got str"),
+    (Sys.GENERATE, {"prompt": "x", "context": "c1"}, EINVAL, "'context': expected int"),
+    (Sys.GENERATE, {"prompt": "x", "n": 2}, EINVAL, "unknown argument 'n'"),
+    (Sys.CANCEL, {}, EINVAL, "missing argument 'call'"),
+    (Sys.CANCEL, {"call": "1"}, EINVAL, "'call': expected int"),
+    (Sys.CONTEXT_CREATE, {"system": "a", "messages": MSGS}, EINVAL, "at most one of system, messages"),
+    (Sys.CONTEXT_CREATE, {"system": 1}, EINVAL, "'system': expected str"),
+    (Sys.CONTEXT_FORK, {}, EINVAL, "missing argument 'context'"),
+    (Sys.CONTEXT_FREE, {"context": -1}, EINVAL, "'context': -1 is below"),
+    (Sys.CONTEXT_INFO, {"context": None}, EINVAL, "missing argument 'context'"),
+    (Sys.TOKENIZE, {"text": None}, EINVAL, "missing argument 'text'"),
+    (Sys.TOKENIZE, {"text": ["a"]}, EINVAL, "'text': expected str, got list"),
+    (Sys.DETOKENIZE, {"token_ids": [1 << 40]}, EINVAL, "'token_ids[0]'"),
+    (Sys.DETOKENIZE, {"token_ids": {"0": 1}}, EINVAL, "'token_ids': expected list, got dict"),
+    (Sys.MODELS, {"all": True}, EINVAL, "unknown argument 'all'"),
+]
+
+
+def test_every_syscall_has_a_spec_and_good_examples():
+    assert set(SPECS) == set(Sys) == set(GOOD)
+
+
+@pytest.mark.parametrize("nr, args", [(nr, a) for nr, examples in GOOD.items() for a in examples])
+def test_good_arguments_pass_with_defaults_filled(nr, args):
+    out = SPECS[nr].validate(args)
+    assert set(out) == set(SPECS[nr].fields)
+    for k, v in args.items():
+        assert out[k] == v or nr == Sys.KILL
+
+
+@pytest.mark.parametrize("nr, args, code, words", BAD, ids=[f"{n.name}-{w[:30]}" for n, _, _, w in BAD])
+def test_bad_arguments_are_named(nr, args, code, words):
+    with pytest.raises(SyscallError) as e:
+        SPECS[nr].validate(args)
+    assert e.value.code == code
+    assert words in e.value.msg
+
+
+def test_defaults_and_normalization():
+    assert SPECS[Sys.KILL].validate({"pid": 1})["sig"] == "TERM"
+    assert SPECS[Sys.KILL].validate({"pid": 1, "sig": 9})["sig"] == "KILL"
+    assert SPECS[Sys.KILL].validate({"pid": 1, "sig": "sigcont"})["sig"] == "CONT"
+    assert SPECS[Sys.GENERATE].validate({"prompt": "x"})["stream"] is False
+    assert SPECS[Sys.WAIT].validate({"pid": 1, "timeout": 2})["timeout"] == 2.0
+    assert SPECS[Sys.GENERATE].validate({"prompt": "x", "seed": None})["seed"] is None
+
+
+def test_validate_does_not_alias_caller_lists():
+    ids = [1, 2]
+    out = SPECS[Sys.DETOKENIZE].validate({"token_ids": ids})
+    out["token_ids"].append(3)
+    assert ids == [1, 2]
+
+
+def test_describe_is_plain_data_for_every_spec():
+    for nr, spec in SPECS.items():
+        d = json.loads(json.dumps(spec.describe()))
+        assert set(d["args"]) == set(spec.fields)
+    g = SPECS[Sys.GENERATE].describe()
+    assert g["one_of"] == [["prompt", "messages", "token_ids"]]
+    assert g["args"]["top_p"] == {"type": "float", "required": False, "min": 0, "max": 1, "min_open": True}
+    assert g["args"]["token_ids"]["of"]["type"] == "int"
+
+
+def test_small_types_directly():
+    assert Bytes(4).check("b", b"abcd") == b"abcd"
+    with pytest.raises(SyscallError) as e:
+        Bytes(4).check("b", b"abcde")
+    assert e.value.code == E2BIG
+    with pytest.raises(SyscallError):
+        Bool().check("b", 0)
+    assert Dict(Int()).check("d", {"a": 1}) == {"a": 1}
+    assert List(Str(3)).check("l", ("ab",)) == ["ab"]
+    assert Messages().describe()["roles"] == ["system", "user", "assistant", "tool"]
+    assert Signal().describe()["choices"] == ["TERM", "KILL", "INT", "STOP", "CONT"]
+    assert Float(0, 1, max_open=True).check("f", 0) == 0.0
+    with pytest.raises(SyscallError, match="must be < 1"):
+        Float(0, 1, max_open=True).check("f", 1)
+    with pytest.raises(SyscallError, match="required"):
+        Spec(one_of=[("a", "b")], a=Int(), b=Int()).validate({})
+    assert Spec(x=Int(default=3)).validate({}) == {"x": 3}
