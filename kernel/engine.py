@@ -71,16 +71,17 @@ class Engine:
     def add_request(self, prompt: str | list[int] | None = None, *, messages: list | None = None,
                     params: SamplingParams | None = None, context: int | None = None,
                     on_event: Callable[[Delta], None] | None = None, salt: bytes | None = None,
-                    **sampling) -> Request:
+                    stream: bool = False, **sampling) -> Request:
         """Queue a request; return it (its `.id` names it for `abort`).
 
         The prompt is text, token ids, or chat `messages`; on a context it is appended to the
-        context's tokens. Raises EngineError (EINVAL) for bad input, NoSuchContext, ContextBusy,
+        context's tokens. Deltas (returned by step, and given to on_event) carry token ids;
+        with stream=True also their text, else the text comes whole in the Completion. Raises EngineError (EINVAL) for bad input, NoSuchContext, ContextBusy,
         or KVOutOfMemory when it could never fit in the pool.
         """
         params = (params or SamplingParams.from_options(sampling)).check(self.config.vocab_size)
-        tokens = self._prompt_tokens(prompt, messages)
         ctx = self._context(context) if context is not None else None
+        tokens = self._prompt_tokens(prompt, messages, continuing=bool(ctx and ctx.seq.tokens))
         if ctx is not None and ctx.busy is not None:
             raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
         seq = ctx.seq if ctx else Sequence([], self.blocks.new_table(salt))
@@ -91,21 +92,25 @@ class Engine:
         if params.max_tokens > 0 and not tokens and seq.num_pending == 0:
             self.blocks.truncate(seq.table, seq.num_computed - 1)   # recompute for logits
         seq.tokens += tokens
-        req = Request(seq, params, self.tokenizer, on_event, ctx)
+        req = Request(seq, params, self.tokenizer, on_event, ctx, stream)
         if ctx:
             ctx.busy = req
         self.requests[req.id] = req
         self.scheduler.add(req)
         return req
 
-    def _prompt_tokens(self, prompt, messages) -> list[int]:
+    def _prompt_tokens(self, prompt, messages, continuing: bool = False) -> list[int]:
+        """Token ids of a prompt. `continuing`: appended to a conversation already under
+        way, so chat messages lose the template's leading BOS (it begins the context)."""
         if (prompt is None) == (messages is None):
             raise EngineError("prompt: give exactly one of prompt text, token ids or messages")
         if messages is not None:
             try:
-                return self.tokenizer.encode_chat(messages)
+                tokens = self.tokenizer.encode_chat(messages)
             except ValueError as e:     # no template, malformed messages, raise_exception()
                 raise EngineError(f"messages: {e}") from None
+            bos = self.tokenizer.token_to_id(self.tokenizer.bos_token or "")
+            return tokens[1:] if continuing and tokens[:1] == [bos] else tokens
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)):
@@ -222,7 +227,7 @@ class Engine:
 
     def context_extend(self, context: int, prompt=None, *, messages=None) -> None:
         ctx = self._idle_context(context)
-        tokens = self._prompt_tokens(prompt, messages)
+        tokens = self._prompt_tokens(prompt, messages, continuing=bool(ctx.seq.tokens))
         self._check_fits(len(ctx.seq.tokens) + len(tokens), 0)
         ctx.seq.tokens += tokens
 

@@ -1,5 +1,9 @@
 """The engine loop: the one thread that owns the engine, fed through an inbox.
 
+The daemon runs it on its main thread (`run`): torch's OpenMP pool serves the thread
+that created it best, and the same engine ran about 2x slower per step from a second
+thread on 2 cores. Tests and in-process users may `start` it on a thread of its own.
+
 Other threads (the syscall I/O thread, the reaper) never touch the engine: they `submit`
 a function, which runs on the engine thread between steps, and get a Future for its
 result. Engine events leave through the callbacks the submitted functions install
@@ -16,8 +20,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
+
+from . import tunables
 
 log = logging.getLogger("llmos.loop")
 
@@ -38,8 +45,13 @@ class EngineLoop:
         self._stopped = threading.Event()
 
     def start(self) -> "EngineLoop":
+        """Run the loop on a thread of its own."""
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until stop() or a crash."""
+        self._run()
 
     def submit(self, fn: Callable[[Any], Any]) -> Future:
         """Run fn(engine) on the engine thread; the Future holds its result or exception."""
@@ -57,9 +69,12 @@ class EngineLoop:
         return self.submit(fn).result(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the function in hand, then stop; queued functions fail with EngineDead."""
-        self._inbox.put(_STOP)
-        self._thread.join(timeout)
+        """Finish the function in hand, then stop; queued functions fail with EngineDead.
+        Safe to call from a signal handler when the loop runs on this thread (it only
+        queues the stop then)."""
+        self._inbox.put(_STOP)          # SimpleQueue.put is reentrant: signal-handler safe
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -76,12 +91,22 @@ class EngineLoop:
             self._fail_queued()
 
     def _drain(self, block: bool) -> bool:
-        """Run what is in the inbox (waiting for one item if `block`); False on stop."""
+        """Run what is in the inbox; False on stop. If `block` (the engine is idle), wait
+        for one item, then gather what else arrives within ARRIVAL_WINDOW, so that
+        requests sent together start in one batch rather than one step apart."""
+        deadline = None
         while True:
             try:
-                item = self._inbox.get(block=block, timeout=None)
+                if block:
+                    item = self._inbox.get()
+                elif deadline is not None and (left := deadline - time.monotonic()) > 0:
+                    item = self._inbox.get(timeout=left)
+                else:
+                    item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+            if block:
+                block, deadline = False, time.monotonic() + tunables.ARRIVAL_WINDOW
             if item is _STOP:
                 return False
             fn, future = item
@@ -90,7 +115,6 @@ class EngineLoop:
                     future.set_result(fn(self.engine))
                 except Exception as exc:   # a caller's error: theirs to handle, not fatal
                     future.set_exception(exc)
-            block = False
 
     def _fail_queued(self) -> None:
         while True:

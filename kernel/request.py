@@ -85,6 +85,7 @@ class Request:
     tokenizer: Tokenizer
     on_event: Callable[[Delta], None] | None = None
     context: Context | None = None
+    stream: bool = False          # decode text deltas as tokens come (else text at the end)
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):
@@ -100,7 +101,8 @@ class Request:
         self.generator = None
         if self.params.seed is not None and not self.params.greedy:
             self.generator = torch.Generator().manual_seed(self.params.seed)
-        streaming = self.on_event is not None or bool(self.params.stop)
+        # Incremental decoding costs a decode per token: only for text deltas and stop strings.
+        streaming = self.stream or bool(self.params.stop)
         self.detok = DetokenizeStream(tokenizer=self.tokenizer) if streaming else None
         self.text = ""                # decoded so far (streaming or stop strings only)
         self.emitted = 0              # chars of self.text already sent as deltas

@@ -7,3 +7,4 @@ KV_MEMORY_FRACTION = 0.10        # share of the device's free memory the KV pool
 KV_MEMORY_CAP = 1 << 30          # ...but at most this many bytes unless asked (a CPU box is shared)
 SWAP_FRACTION = 0.5              # host swap pool, in blocks, as a share of the device KV pool
 POISON_ENV = "LLMOS_KV_POISON"   # "1": fill freed KV blocks with NaN to expose use-after-free
+ARRIVAL_WINDOW = 0.002           # s an idle engine waits for more requests before stepping

@@ -207,7 +207,8 @@ def test_stop_strings_streaming_and_seeds(ckpts):
     cut = engine.generate([prompt], max_tokens=24, ignore_eos=True, stop=[stop])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
     deltas = []
-    engine.add_request(prompt, max_tokens=24, ignore_eos=True, on_event=deltas.append)
+    engine.add_request(prompt, max_tokens=24, ignore_eos=True, on_event=deltas.append,
+                       stream=True)
     while engine.has_work():
         engine.step()
     assert "".join(d.text for d in deltas) == full.text

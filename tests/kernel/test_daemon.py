@@ -1,0 +1,173 @@
+"""End to end: a real kernel process on a real socket, real agent processes.
+
+Agents here speak through the syscall client directly (llmos.syscalls.Connection) so
+that these tests check the kernel alone; the SDK has tests of its own.
+"""
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from llmos.kernel import Engine
+from llmos.kernel.home import Home, read_token
+from llmos.syscalls import Connection, KernelDead, Sys, SyscallError
+
+T = 60          # seconds: the bound on every wait here
+
+AGENT = textwrap.dedent("""
+    import os, sys
+    from llmos.syscalls import Connection, Sys
+    c = Connection(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_TOKEN"], timeout=120)
+    r = c.call(Sys.GENERATE, token_ids=[int(t) for t in sys.argv[1].split(",")],
+               max_tokens=int(sys.argv[2]), ignore_eos=True)
+    print(",".join(map(str, r["token_ids"])))
+""")
+
+
+def start_kernel(home, *extra) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel.daemon", "--home", str(home),
+                             "--kv-memory", "16M", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], T)
+    line = proc.stdout.readline() if ready else ""
+    if "listening on" not in line:
+        proc.kill()
+        raise AssertionError(f"kernel did not boot: {line!r}")
+    return proc
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    home = tmp_path / "home"
+    proc = start_kernel(home)
+    yield Home(home), proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(T)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(T)
+
+
+def connect(home: Home) -> Connection:
+    return Connection(home.socket_url, read_token(home), timeout=T)
+
+
+def test_second_kernel_on_the_same_home_refuses(kernel):
+    home, proc = kernel
+    second = subprocess.run([sys.executable, "-m", "llmos.kernel.daemon", "--home",
+                             str(home.path)], capture_output=True, text=True, timeout=T)
+    assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr
+
+
+def test_sixteen_agents_generate_like_the_engine_and_leave_nothing(kernel):
+    home, _ = kernel
+    c = connect(home)
+    before = c.call(Sys.MEMINFO)["kv"]
+    prompts = [[5 + i, 6, 7 + i % 3, 8] for i in range(16)]
+    pids = [c.call(Sys.SPAWN, argv=[sys.executable, "-c", AGENT, ",".join(map(str, p)), "12"],
+                   name=f"agent{i}")["pid"] for i, p in enumerate(prompts)]
+    names = {r["name"] for r in c.call(Sys.PS)["procs"]}
+    assert {f"agent{i}" for i in range(16)} <= names
+    statuses = [c.call(Sys.WAIT, pid=pid, timeout=T)["status"] for pid in pids]
+    assert statuses == [0] * 16, [home.proc_log(p).read_text() for p in pids]
+    got = [list(map(int, home.proc_log(p).read_text().split(","))) for p in pids]
+    want = Engine.from_pretrained("tiny", num_blocks=64).generate(prompts, max_tokens=12,
+                                                                 ignore_eos=True)
+    assert got == [w.token_ids for w in want]
+    after = c.call(Sys.MEMINFO)["kv"]
+    assert after["free"] == before["free"] and after["used"] == before["used"] == 0
+    c.close()
+
+
+def test_sigkill_of_a_streaming_agent_frees_its_blocks(kernel):
+    home, _ = kernel
+    c = connect(home)
+    streamer = textwrap.dedent("""
+        import os
+        from llmos.syscalls import Connection, Sys
+        c = Connection(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_TOKEN"], timeout=600)
+        for ev in c.stream(Sys.GENERATE, token_ids=list(range(3, 60)), max_tokens=400,
+                           ignore_eos=True, stream=True):
+            print(len(ev["token_ids"]), flush=True)
+    """)
+    pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", streamer], name="streamer")["pid"]
+    other = c.call(Sys.SPAWN, argv=[sys.executable, "-c", AGENT, "5,6,7", "30"])["pid"]
+    log = home.proc_log(pid)
+    deadline = time.monotonic() + T
+    while not log.exists() or log.stat().st_size < 20:      # it is streaming
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert c.call(Sys.MEMINFO)["procs"].get(str(pid), 0) > 0
+    c.call(Sys.KILL, pid=pid, sig="KILL")
+    killed = time.monotonic()
+    assert c.call(Sys.WAIT, pid=pid, timeout=T)["status"] == -signal.SIGKILL
+    while c.call(Sys.MEMINFO)["procs"].get(str(pid), 0):
+        assert time.monotonic() - killed < 2, "blocks not freed within 2 s"
+    assert c.call(Sys.WAIT, pid=other, timeout=T)["status"] == 0
+    assert len(home.proc_log(other).read_text().split(",")) == 30
+    c.close()
+
+
+def test_sigkill_of_the_kernel_is_kernel_dead_within_5s(kernel):
+    home, proc = kernel
+    c = connect(home)
+    errors, streaming = [], threading.Event()
+
+    def long_call():
+        try:
+            for _ in c.stream(Sys.GENERATE, token_ids=[5, 6], max_tokens=500, ignore_eos=True,
+                              stream=True):
+                streaming.set()
+        except KernelDead as e:
+            errors.append((time.monotonic(), e))
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    assert streaming.wait(T)                          # the call is in flight
+    os.kill(proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    t.join(T)
+    assert errors and errors[0][0] - killed < 5
+    start = time.monotonic()
+    with pytest.raises(KernelDead):
+        c.call(Sys.PING)
+    assert time.monotonic() - start < 5
+    c.close()
+
+
+def test_second_turn_on_a_context_computes_only_new_tokens(kernel):
+    home, _ = kernel
+    c = connect(home)
+    ctx = c.call(Sys.CONTEXT_CREATE, system="You are tiny.")["context"]
+    first = c.call(Sys.GENERATE, messages=[{"role": "user", "content": "add 12 47"}],
+                   context=ctx, max_tokens=8)
+    second = c.call(Sys.GENERATE, messages=[{"role": "user", "content": "add 38 57"}],
+                    context=ctx, max_tokens=8)
+    u1, u2 = first["usage"], second["usage"]
+    assert u2["cached_tokens"] == u1["prompt_tokens"] + u1["completion_tokens"] - 1
+    assert first["text"].strip() == "59"
+    with pytest.raises(SyscallError) as e:
+        c.call(Sys.CONTEXT_INFO, context=ctx + 100)
+    assert e.value.code == "ESRCH"
+    c.close()
+
+
+def test_sigterm_shuts_down_cleanly(kernel):
+    home, proc = kernel
+    c = connect(home)
+    pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", "import time; time.sleep(600)"])["pid"]
+    child = next(r["os_pid"] for r in c.call(Sys.PS)["procs"] if r["pid"] == pid)
+    c.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(T) == 0
+    assert not home.socket_path.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
