@@ -56,7 +56,7 @@ def generate(prompt, model, chat, system, driver, **sampling) -> None:
         source = {"prompt": prompt}
     out = []
     try:
-        engine.add_request(**source, on_event=lambda d: out.append(d), **sampling)
+        engine.add_request(**source, on_event=out.append, stream=True, **sampling)
     except EngineError as e:
         raise click.ClickException(f"{e.code}: {e}") from None
     start = time.perf_counter()
@@ -78,38 +78,59 @@ def generate(prompt, model, chat, system, driver, **sampling) -> None:
 @click.option("--model", "-m", default="tiny", show_default=True)
 @click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
 def demo(model, driver) -> None:
-    """Show the embedded model at work on its tasks (batched in one engine)."""
-    from rich.console import Console
-    from rich.table import Table
+    """Boot a kernel on MODEL in a temporary home, run the example agents at once (hello,
+    parallel with its workers, chat), show a live process table and their output, and
+    shut the kernel down."""
+    import shutil
+    import subprocess
+    import tempfile
 
-    from llmos.kernel.tiny import tasks
+    from rich.console import Console
+    from rich.live import Live
+    from rich.panel import Panel
+
+    from llmos.kernel.home import Home
+    from llmos.userland import connect
+    from llmos.userland.commands import ps_table
     console = Console()
-    with console.status("loading the model"):
-        engine = _engine(model, driver)
-    examples = tasks.demo_prompts()
-    reqs = []
-    for task, prompt, expected in examples:
-        source = {"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt}
-        reqs.append(engine.add_request(**source, max_tokens=24, stop=["\n"]))
-    start = time.perf_counter()
-    done = {}
-    while engine.has_work():
-        done.update((d.request_id, d.completion) for d in engine.step() if d.finished)
-    secs = time.perf_counter() - start
-    table = Table(title=f"llmos demo: {len(examples)} requests batched on {model!r}")
-    for col in ("task", "prompt", "expected", "answer", ""):
-        table.add_column(col)
-    right = 0
-    for (task, prompt, expected), req in zip(examples, reqs):
-        answer = done[req.id].text.strip()
-        ok = tasks.score(task, answer, expected)
-        right += ok
-        shown = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-        table.add_row(task, shown, expected, answer, "[green]ok[/]" if ok else "[red]x[/]")
-    console.print(table)
-    tokens = engine.stats["generated_tokens"]
-    console.print(f"{right}/{len(examples)} right; {tokens} tokens in {secs:.2f}s "
-                  f"({tokens / secs:.0f} tok/s) in {engine.stats['steps']} engine steps")
+    home = Home(tempfile.mkdtemp(prefix="llmos-demo-"))
+    argv = [sys.executable, "-m", "llmos.kernel.daemon", "--home", str(home.path),
+            "--model", model, "--driver", driver, "--kv-memory", "256M"]
+    home.log_dir.mkdir(parents=True, exist_ok=True)
+    with open(home.log_dir / "kernel.out", "ab") as out:
+        kernel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                  start_new_session=True)
+    failed = True
+    try:
+        with console.status(f"booting a kernel on {model!r} in {home.path}"):
+            _await_kernel(home, kernel)
+        with connect(home.path, timeout=120) as k:
+            agents = {"hello": [], "parallel": ["-n", "6"], "chat": []}
+            start = time.perf_counter()
+            pids = {k.spawn([sys.executable, "-m", f"llmos.userland.examples.{name}", *args],
+                            name=name): name for name, args in agents.items()}
+            with Live(ps_table(k.ps()), console=console, refresh_per_second=8) as live:
+                while any(r["state"].lower() != "zombie" for r in k.ps() if r["pid"] in pids):
+                    live.update(ps_table(k.ps()))
+                    time.sleep(0.1)
+                live.update(ps_table(k.ps()))
+            console.print()
+            statuses = {pid: k.wait(pid, timeout=60) for pid in pids}
+            secs = time.perf_counter() - start
+            for pid, name in pids.items():
+                console.print(Panel(home.proc_log(pid).read_text().rstrip() or "(no output)",
+                                    title=f"pid {pid} {name}: exit {statuses[pid]}",
+                                    title_align="left"))
+            console.print(f"3 agents and their workers done in {secs:.1f}s; "
+                          f"KV blocks in use now: {k.meminfo()['kv']['used']}")
+        failed = any(st != 0 for st in statuses.values())
+    finally:
+        kernel.terminate()
+        kernel.wait(30)
+        shutil.rmtree(home.path, ignore_errors=True)
+    console.print(f"kernel {kernel.pid} shut down (exit {kernel.returncode})")
+    if failed or kernel.returncode:
+        sys.exit(1)
 
 
 @main.command()
@@ -146,6 +167,77 @@ def drivers() -> None:
 
 def _size(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+
+
+# The client commands (run, ps, kill, wait, logs, mem, models) talk to a running kernel.
+from llmos.userland import commands as _commands  # noqa: E402
+
+_commands.register(main)
+
+
+@main.command()
+@click.option("--home", default=None, help="Kernel home (default $LLMOS_HOME or ~/.llmos).")
+@click.option("--model", "-m", default="tiny", show_default=True)
+@click.option("--driver", default="cpu", show_default=True)
+@click.option("--kv-memory", default=None, help="KV pool size, e.g. 512M (default: a share of free memory).")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; return once it answers.")
+def up(home, model, driver, kv_memory, detach) -> None:
+    """Boot the kernel on MODEL (in the foreground unless -d)."""
+    import subprocess
+
+    from llmos.kernel.home import Home
+    argv = [sys.executable, "-m", "llmos.kernel.daemon", "--model", model, "--driver", driver]
+    argv += ["--home", str(Home(home).path)] + (["--kv-memory", kv_memory] if kv_memory else [])
+    if not detach:
+        sys.exit(subprocess.call(argv))
+    h = Home(home)
+    h.log_dir.mkdir(parents=True, exist_ok=True)
+    with open(h.log_dir / "kernel.out", "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    _await_kernel(h, proc)
+    click.echo(f"llmos kernel {proc.pid} listening on {h.socket_url}")
+
+
+def _await_kernel(h, proc, timeout: float = 120.0) -> None:
+    """Return once the kernel answers a ping; fail clearly if it exits or stays silent."""
+    from llmos.syscalls import Connection, KernelDead, Sys, SyscallError
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"the kernel exited with status {proc.returncode}; "
+                                       f"see {h.log_dir / 'kernel.out'}")
+        if h.socket_path.exists():
+            try:
+                with Connection(h.socket_url, timeout=2, dead_after=2) as c:
+                    c.call(Sys.PING)
+                    return
+            except (KernelDead, SyscallError):
+                pass
+        time.sleep(0.1)
+    raise click.ClickException(f"the kernel did not answer within {timeout:.0f}s")
+
+
+@main.command()
+@click.option("--home", default=None)
+@click.option("--timeout", default=30.0, show_default=True)
+def down(home, timeout) -> None:
+    """Shut the kernel down (SIGTERM): calls in flight fail, children are terminated."""
+    import os
+    import signal
+
+    from llmos.kernel.home import Home
+    h = Home(home)
+    pid = h.running_pid()
+    if pid is None:
+        raise click.ClickException(f"no kernel is running on {h.path}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while h.running_pid() is not None:
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"kernel {pid} still running after {timeout:.0f}s")
+        time.sleep(0.05)
+    click.echo(f"llmos kernel {pid} stopped")
 
 
 if __name__ == "__main__":

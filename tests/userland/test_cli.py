@@ -1,4 +1,5 @@
 """The `llmos` command, run as a real subprocess."""
+import os
 import subprocess
 import sys
 
@@ -45,7 +46,14 @@ def test_generate_bad_input_is_a_clear_error(checkpoints, args, message):
     assert message in run.stderr and "Traceback" not in run.stderr
 
 
-def test_demo_runs_the_embedded_model():
-    run = llmos("demo")
-    assert run.returncode == 0, run.stderr
-    assert "llmos demo" in run.stdout and "right" in run.stdout
+def test_demo_boots_a_kernel_and_runs_the_example_agents():
+    """The real thing: a kernel process, three agents and six workers, real answers."""
+    run = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "demo"],
+                         capture_output=True, text=True, timeout=TIMEOUT,
+                         env={**os.environ, "COLUMNS": "160"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    for answer in ("12+47=59", "-> 153", "-> l e n r e k", "tiny: 59", "tiny: t a c"):
+        assert answer in out
+    assert out.count(": exit 0") == 3 and "KV blocks in use now: 0" in out
+    assert "shut down (exit 0)" in out

@@ -1,0 +1,343 @@
+"""The agent SDK: a typed, blocking Python face on the syscalls.
+
+    from llmos.userland import connect
+    k = connect()                                  # LLMOS_SOCKET/LLMOS_TOKEN, else the home
+    print(k.generate("12+47=", max_tokens=8).text)
+    with k.context(system="You are tiny.") as ctx:  # a conversation kept in the kernel's KV
+        ctx.generate(messages=[{"role": "user", "content": "add 12 47"}])
+
+Imports only the client half of syscalls (zmq, msgpack, stdlib): an agent starts fast.
+Every error is a SyscallError with `.code` (EINVAL, ENOMEM, ESRCH, ...); a kernel that
+stops answering is KernelDead (itself a SyscallError, code EDEAD). One Kernel may be
+shared by many threads.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmos.syscalls import EACCES, CallTimeout, Connection, KernelDead, Sys, SyscallError  # noqa: F401 (re-exported)
+
+WAIT_SLACK = 5.0     # seconds the client waits past a wait(timeout=) before giving up itself
+
+_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
+            "stop_token_ids", "ignore_eos")
+
+
+class KernelNotRunning(KernelDead):
+    """connect() found no kernel to talk to. The message says how to start one."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0       # tokens of the prompt, cached ones included
+    cached_tokens: int = 0       # prompt tokens found in KV already (context or prefix cache)
+    completion_tokens: int = 0   # tokens generated
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens the kernel actually had to compute (prompt minus cached)."""
+        return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" | "length" | "abort"
+    usage: Usage = field(default_factory=Usage)
+
+    @classmethod
+    def from_wire(cls, r: dict) -> "Completion":
+        u = r.get("usage") or {}
+        return cls(text=r.get("text", ""), token_ids=list(r.get("token_ids", ())),
+                   finish_reason=r.get("finish_reason", "stop"),
+                   usage=Usage(**{k: int(u.get(k, 0)) for k in
+                                  ("prompt_tokens", "cached_tokens", "completion_tokens")}))
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Stream:
+    """Iterator of Delta of one streaming generate. When exhausted, `.completion` holds the
+    final Completion (None until then). close() (or leaving a `with` block, or dropping the
+    iterator) before the end cancels the generate in the kernel."""
+
+    def __init__(self, gen):
+        self._gen = gen
+        self.completion: Completion | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Delta:
+        try:
+            ev = next(self._gen)
+        except StopIteration as stop:
+            if self.completion is None and stop.value is not None:
+                self.completion = Completion.from_wire(stop.value)
+            raise
+        return Delta(ev.get("text", ""), list(ev.get("token_ids", ())))
+
+    def result(self) -> Completion:
+        """Consume the rest of the stream and return the Completion."""
+        for _ in self:
+            pass
+        return self.completion
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _generate_args(prompt, messages, token_ids, options: dict) -> dict:
+    """The wire arguments of a generate: the one source given, and only the options set."""
+    args = {k: v for k, v in (("prompt", prompt), ("messages", messages),
+                              ("token_ids", token_ids)) if v is not None}
+    for k, v in options.items():
+        if k not in _OPTIONS:
+            raise TypeError(f"generate() got an unexpected keyword argument {k!r}")
+        if v is not None:
+            args[k] = [v] if k == "stop" and isinstance(v, str) else v
+    for k in ("stop", "stop_token_ids", "token_ids"):
+        if k in args:
+            args[k] = list(args[k])
+    return args
+
+
+class Kernel:
+    """A connection to the kernel as one llmos process (`.pid`). Made by connect().
+
+    Methods block until the kernel answers; they raise SyscallError (.code) or KernelDead.
+    Thread-safe. Use as a context manager, or call close().
+    """
+
+    def __init__(self, conn: Connection, home: Path | None = None):
+        self._conn = conn
+        self.home = home                         # the kernel's home, if known (for logs)
+        hello = conn.hello or {}
+        self.pid: int = hello.get("pid")
+        self.ppid: int = hello.get("ppid")
+        self.kernel_pid: int = hello.get("kernel_pid")
+        self.version: int = hello.get("version")
+
+    def __repr__(self):
+        return f"<Kernel pid={self.pid} at {self._conn.endpoint}>"
+
+    def _call(self, nr, _timeout=None, **args):
+        return self._conn.call(nr, _timeout=_timeout, **args)
+
+    # ---- LLM work ---------------------------------------------------------------------
+    def generate(self, prompt: str | None = None, *, messages: list | None = None,
+                 token_ids: list | None = None, stream: bool = False, **options):
+        """A completion of exactly one of prompt / messages / token_ids.
+
+        Options (omitted ones take the kernel's defaults): max_tokens, temperature, top_k,
+        top_p, min_p, seed, stop (a str or list), stop_token_ids, ignore_eos.
+        Returns a Completion; with stream=True, a Stream of Delta whose `.completion` is
+        set once it is exhausted.
+        """
+        return self._generate(_generate_args(prompt, messages, token_ids, options), stream)
+
+    def _generate(self, args: dict, stream: bool):
+        if stream:
+            return Stream(self._conn.stream(Sys.GENERATE, stream=True, **args))
+        return Completion.from_wire(self._call(Sys.GENERATE, **args))
+
+    def context(self, system: str | None = None, messages: list | None = None) -> "Context":
+        """A new context (KV kept between calls), optionally started with a system prompt
+        or messages. Free it with close() or a `with` block."""
+        args = {k: v for k, v in (("system", system), ("messages", messages)) if v is not None}
+        return Context(self, self._call(Sys.CONTEXT_CREATE, **args)["context"])
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._call(Sys.TOKENIZE, text=text)["token_ids"]
+
+    def detokenize(self, token_ids) -> str:
+        return self._call(Sys.DETOKENIZE, token_ids=list(token_ids))["text"]
+
+    # ---- processes ----------------------------------------------------------------------
+    def spawn(self, argv, name: str | None = None, nice: int | None = None,
+              env: dict | None = None) -> int:
+        """Start argv (a list; a str is one program without arguments) as a child process
+        of this one; returns its pid. Its stdout and stderr go to log_path(pid)."""
+        argv = [argv] if isinstance(argv, str) else [str(a) for a in argv]
+        args = {"argv": argv}
+        if name is not None:
+            args["name"] = name
+        if nice is not None:
+            args["nice"] = nice
+        if env is not None:
+            args["env"] = {str(k): str(v) for k, v in env.items()}
+        return self._call(Sys.SPAWN, **args)["pid"]
+
+    def wait(self, pid: int, timeout: float | None = None) -> int | None:
+        """Wait for child pid to exit and collect it; returns its exit status (negative: killed
+        by that signal), or None if `timeout` seconds passed first. Raises ECHILD/ESRCH."""
+        args = {"pid": pid} if timeout is None else {"pid": pid, "timeout": float(timeout)}
+        client = math.inf if timeout is None else timeout + WAIT_SLACK
+        return self._call(Sys.WAIT, _timeout=client, **args)["status"]
+
+    def kill(self, pid: int, sig: str | int = "TERM") -> None:
+        """Send sig (TERM, KILL, INT, STOP, CONT, by name or number) to pid."""
+        self._call(Sys.KILL, pid=pid, sig=sig)
+
+    def ps(self) -> list[dict]:
+        """The process table: one dict per process (pid, ppid, name, state, nice, kv_blocks,
+        tokens_in, tokens_out, cpu_percent, rss, age, os_pid)."""
+        return self._call(Sys.PS)["procs"]
+
+    def getpid(self) -> int:
+        return self._call(Sys.GETPID)["pid"]
+
+    def nice(self, value: int, pid: int | None = None) -> None:
+        """Set the nice value (-20..19) of pid, or of this process."""
+        self._call(Sys.NICE, value=value, **({} if pid is None else {"pid": pid}))
+
+    def exit(self, status: int = 0) -> None:
+        """Tell the kernel this process exits with status, then close the connection.
+        The program itself should exit next (e.g. sys.exit(status))."""
+        try:
+            self._call(Sys.EXIT, status=status)
+        except KernelDead:
+            pass        # the kernel may drop us as soon as it has the status
+        finally:
+            self.close()
+
+    def log_path(self, pid: int) -> Path | None:
+        """Where the stdout/stderr of spawned pid go, or None if this kernel's home is unknown."""
+        return None if self.home is None else self.home / "log" / f"{pid}.log"
+
+    # ---- the system ---------------------------------------------------------------------
+    def meminfo(self) -> dict:
+        """{"kv": {total, free, cached, used, block_size, swap_total, swap_free}, "procs": {pid: blocks}}"""
+        return self._call(Sys.MEMINFO)
+
+    def models(self) -> list[dict]:
+        return self._call(Sys.MODELS)["models"]
+
+    def sysinfo(self) -> dict:
+        return self._call(Sys.SYSINFO)
+
+    def ping(self) -> None:
+        self._call(Sys.PING)
+
+    def close(self) -> None:
+        """Close the connection; calls still waiting in other threads raise KernelDead."""
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Context:
+    """A KV sequence this process keeps in the kernel (a conversation). Made by
+    Kernel.context() or fork(). Each generate() continues it: its prompt and the reply stay
+    in the context, so later calls compute only the new tokens."""
+
+    def __init__(self, kernel: Kernel, cid: int):
+        self.kernel, self.id = kernel, cid
+        self.closed = False
+
+    def __repr__(self):
+        return f"<Context {self.id} of pid {self.kernel.pid}>"
+
+    def generate(self, prompt: str | None = None, *, messages: list | None = None,
+                 token_ids: list | None = None, stream: bool = False, **options):
+        """Kernel.generate() on this context: same options, same results."""
+        args = _generate_args(prompt, messages, token_ids, options)
+        return self.kernel._generate({**args, "context": self.id}, stream)
+
+    def append(self, content=None, *, messages: list | None = None,
+               token_ids: list | None = None) -> Completion:
+        """Add content (a str, or a list of messages) to the context without generating.
+        Implemented as a generate with max_tokens=0; returns its Completion (empty text;
+        usage tells the tokens computed)."""
+        if isinstance(content, list):
+            content, messages = None, content
+        return self.generate(content, messages=messages, token_ids=token_ids, max_tokens=0)
+
+    def fork(self) -> "Context":
+        """A copy-on-write child context sharing this one's KV (free it separately)."""
+        return Context(self.kernel, self.kernel._call(Sys.CONTEXT_FORK, context=self.id)["context"])
+
+    def info(self) -> dict:
+        """{"id", "tokens", "computed", "blocks", "busy"}"""
+        return self.kernel._call(Sys.CONTEXT_INFO, context=self.id)
+
+    def close(self) -> None:
+        """Free the context in the kernel. Idempotent; a context already gone is fine."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.kernel._call(Sys.CONTEXT_FREE, context=self.id)
+        except KernelDead:
+            pass        # a dead kernel freed everything
+        except SyscallError as e:
+            if e.code != "ESRCH":
+                raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            self.close()
+        except SyscallError:
+            if exc_type is None:
+                raise   # never hide the exception that ended the block
+
+
+def connect(home=None, timeout: float | None = None) -> Kernel:
+    """Connect to the kernel and say hello; returns the Kernel (this process's `.pid`).
+
+    Without `home`, a process spawned by the kernel uses its LLMOS_SOCKET and LLMOS_TOKEN;
+    anyone else (or with `home`) attaches to the kernel of that home ($LLMOS_HOME, else
+    ~/.llmos) with the owner token. `timeout`: default seconds per call (None: no limit;
+    a silent kernel still raises KernelDead within seconds).
+    Raises KernelNotRunning (no kernel; start one with `llmos up`), SyscallError EACCES
+    (token refused or unreadable), KernelDead (the kernel does not answer).
+    """
+    endpoint, token = os.environ.get("LLMOS_SOCKET"), os.environ.get("LLMOS_TOKEN")
+    if home is None and endpoint and token:
+        if "://" not in endpoint:
+            endpoint = "ipc://" + endpoint
+        where = Path(os.environ["LLMOS_HOME"]) if os.environ.get("LLMOS_HOME") else None
+        if endpoint.startswith("ipc://"):
+            sock = Path(endpoint[len("ipc://"):])
+            if not sock.exists():
+                raise KernelNotRunning(f"the kernel socket {sock} is gone; "
+                                       f"start a kernel with `llmos up`")
+            where = where or sock.parent.parent        # HOME/run/kernel.sock
+    else:
+        endpoint, token, where = _attach(home)
+    return Kernel(Connection(endpoint, token, timeout=timeout), where)
+
+
+def _attach(home):
+    """(endpoint, owner token, home path) of the kernel on home."""
+    from llmos.kernel.home import Home, HomeError, NoKernel, read_token   # no torch
+    h = home if isinstance(home, Home) else Home(home)
+    try:
+        token = read_token(h)
+    except NoKernel as e:
+        up = "llmos up" if home is None else f"llmos up --home {h.path}"
+        raise KernelNotRunning(f"{e}; start one with `{up}`") from None
+    except HomeError as e:
+        raise SyscallError(EACCES, str(e)) from None
+    return h.socket_url, token, h.path
