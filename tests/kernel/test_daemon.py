@@ -42,10 +42,11 @@ def start_kernel(home, *extra) -> subprocess.Popen:
     return proc
 
 
-@pytest.fixture
-def kernel(tmp_path):
+@pytest.fixture(params=["cpu", "sim"])
+def kernel(tmp_path, request):
+    """A kernel on the cpu driver, and on the sim plugin driver (`llmos up --driver sim`)."""
     home = tmp_path / "home"
-    proc = start_kernel(home)
+    proc = start_kernel(home, "--driver", request.param)
     yield Home(home), proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
