@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,9 +124,12 @@ class Kernel:
     Thread-safe. Use as a context manager, or call close().
     """
 
-    def __init__(self, conn: Connection, home: Path | None = None):
+    def __init__(self, conn: Connection, home: Path | None = None, attached: bool = False):
         self._conn = conn
         self.home = home                         # the kernel's home, if known (for logs)
+        # An attached program is a process only while it runs: it exits as one when it
+        # closes, is collected, or the interpreter ends, whichever comes first.
+        self._leave = weakref.finalize(self, _leave, conn) if attached else None
         hello = conn.hello or {}
         self.pid: int = hello.get("pid")
         self.ppid: int = hello.get("ppid")
@@ -208,6 +212,8 @@ class Kernel:
     def exit(self, status: int = 0) -> None:
         """Tell the kernel this process exits with status, then close the connection.
         The program itself should exit next (e.g. sys.exit(status))."""
+        if self._leave is not None:
+            self._leave.detach()
         try:
             self._call(Sys.EXIT, status=status)
         except KernelDead:
@@ -234,7 +240,11 @@ class Kernel:
         self._call(Sys.PING)
 
     def close(self) -> None:
-        """Close the connection; calls still waiting in other threads raise KernelDead."""
+        """Close the connection; calls still waiting in other threads raise KernelDead.
+        An attached program (not spawned by the kernel) first exits as a process, so it
+        does not linger in `ps`; its children live on, re-parented to the kernel."""
+        if self._leave is not None:
+            self._leave()                 # runs at most once
         self._conn.close()
 
     def __enter__(self):
@@ -303,6 +313,14 @@ class Context:
                 raise   # never hide the exception that ended the block
 
 
+def _leave(conn: Connection) -> None:
+    """Exit as a process (status 0), best effort: the kernel may be gone already."""
+    try:
+        conn.call(Sys.EXIT, _timeout=2.0, status=0)
+    except SyscallError:          # KernelDead and CallTimeout included
+        pass
+
+
 def connect(home=None, timeout: float | None = None) -> Kernel:
     """Connect to the kernel and say hello; returns the Kernel (this process's `.pid`).
 
@@ -326,6 +344,7 @@ def connect(home=None, timeout: float | None = None) -> Kernel:
             where = where or sock.parent.parent        # HOME/run/kernel.sock
     else:
         endpoint, token, where = _attach(home)
+        return Kernel(Connection(endpoint, token, timeout=timeout), where, attached=True)
     return Kernel(Connection(endpoint, token, timeout=timeout), where)
 
 
