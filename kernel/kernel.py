@@ -137,23 +137,18 @@ class Kernel:
     def context_create(self, call, pid: int, system=None, messages=None) -> None:
         if system is not None:
             messages = [{"role": "system", "content": system}]
-
-        def create(engine):
-            cid = engine.context_create(messages=messages) if messages else engine.context_create()
-            with self._lock:
-                self._contexts.setdefault(pid, set()).add(cid)
-            return {"context": cid}
-        self._answer(call, create)
+        self._answer(call, lambda e: self._adopt(
+            pid, e.context_create(messages=messages) if messages else e.context_create()))
 
     def context_fork(self, call, pid: int, context: int) -> None:
         self._check_owns(pid, context)
+        self._answer(call, lambda e: self._adopt(pid, e.context_fork(context)))
 
-        def fork(engine):
-            cid = engine.context_fork(context)
-            with self._lock:
-                self._contexts.setdefault(pid, set()).add(cid)
-            return {"context": cid}
-        self._answer(call, fork)
+    def _adopt(self, pid: int, context: int) -> dict:
+        """Engine thread: record that pid holds a new context; its syscall result."""
+        with self._lock:
+            self._contexts.setdefault(pid, set()).add(context)
+        return {"context": context}
 
     def context_free(self, call, pid: int, context: int) -> None:
         self._check_owns(pid, context)
