@@ -17,9 +17,11 @@ from .home import Home, HomeError
 
 log = logging.getLogger("llmos.kernel")
 GRACE = 5.0       # seconds children get between SIGTERM and SIGKILL at shutdown
+HEARTBEAT_TIMEOUT = 30.0   # s of silence after which an attached program is taken for dead
 
 
-def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None) -> int:
+def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
+         heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> int:
     """Boot, serve until told to stop, shut down. Returns the exit status."""
     from llmos.syscalls import Server, SyscallTable
     from llmos.syscalls.handlers import install
@@ -42,10 +44,12 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None) -> int:
     except BaseException:
         home.release()
         raise
+    kernel.watch_silence(server, heartbeat_timeout)
     stopped_by = _stop_on_signals(kernel)
     print(f"llmos kernel {os.getpid()} listening on {home.socket_url}", flush=True)
     log.info("listening on %s", home.socket_url)
     kernel.loop.run()                                        # 6. serve: the engine, this thread
+    kernel.stopping.set()
     log.info("shutting down: %s", stopped_by[0] if stopped_by else "engine crashed")
     server.close(cancel=True)                                # 7. calls in flight get ECANCELED
     kernel.procs.shutdown(GRACE)                             # 8. children: TERM, then KILL
@@ -92,9 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--driver", default="cpu")
     ap.add_argument("--kv-memory", default=None)
+    ap.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT)
     args = ap.parse_args(argv)
     try:
-        return boot(args.home, args.model, args.driver, args.kv_memory)
+        return boot(args.home, args.model, args.driver, args.kv_memory, args.heartbeat_timeout)
     except (HomeError, ValueError) as e:       # CheckpointError and bad options are ValueErrors
         print(f"llmos kernel: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ class Kernel:
         self.loop = EngineLoop(engine, on_crash=self._engine_crashed)
         self.procs = ProcTable(on_exit=self._exited, on_signal=self._signalled)
         self.dead = threading.Event()           # the engine crashed: the daemon must exit
+        self.stopping = threading.Event()       # set at shutdown: helper threads end
         # What each process holds, guarded by self._lock: pid -> {call id: request id},
         # pid -> set of context ids.
         self._lock = threading.Lock()
@@ -76,6 +77,22 @@ class Kernel:
 
     def kill(self, pid: int, sig, caller: int, owner: bool) -> None:
         self.procs.kill(pid, parse_signal(sig), caller, owner=owner)
+
+    def watch_silence(self, server, timeout: float) -> None:
+        """A thread that reaps attached programs silent for longer than `timeout` (their
+        connection sends nothing, not even the SDK's heartbeat pings)."""
+        def watch():
+            while not self.stopping.wait(timeout / 3):
+                now = time.monotonic()
+                for conn in server.connections():
+                    if conn.pid is not None and now - conn.last_seen < timeout:
+                        try:
+                            self.procs.heartbeat(conn.pid)
+                        except ProcError:       # exited meanwhile
+                            pass
+                for proc in self.procs.reap_silent(timeout):
+                    log.info("pid %d: silent for %.0fs, reaped", proc.pid, timeout)
+        threading.Thread(target=watch, name="llmos-silence", daemon=True).start()
 
     # ---- LLM work -------------------------------------------------------------------
     def generate(self, call, pid: int, args: dict) -> None:

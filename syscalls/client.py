@@ -45,7 +45,8 @@ class Connection:
 
     def __init__(self, endpoint: str, token: str | None = None, *, timeout: float | None = None,
                  ping_after: float = 1.0, dead_after: float = 2.0,
-                 curve_server_key: bytes | None = None, max_message: int = wire.MAX_MESSAGE):
+                 curve_server_key: bytes | None = None, max_message: int = wire.MAX_MESSAGE,
+                 heartbeat: float | None = None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ping_after, self.dead_after, self.max_message = ping_after, dead_after, max_message
         self._sock = self._open(endpoint, curve_server_key)
@@ -66,12 +67,25 @@ class Connection:
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         self.hello = None
+        self._closed = threading.Event()
         if token is not None:
             try:
                 self.hello = self.call(Sys.HELLO, token=token)
             except BaseException:
                 self.close()
                 raise
+        if heartbeat:
+            # An attached program tells the kernel it lives even while idle; the kernel
+            # reaps one silent for longer than its heartbeat timeout.
+            threading.Thread(target=self._beat, args=(heartbeat,), daemon=True,
+                             name="llmos-heartbeat").start()
+
+    def _beat(self, every: float) -> None:
+        while not self._closed.wait(every):
+            try:
+                self.call(Sys.PING, _timeout=every)
+            except SyscallError:      # dead, timed out, or closed: the calls will tell
+                return
 
     def _open(self, endpoint, curve_server_key):
         sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -119,6 +133,7 @@ class Connection:
 
     def close(self) -> None:
         """Fail calls still waiting (KernelDead "connection closed") and close the socket."""
+        self._closed.set()
         with self._cond:
             if self._sock is None:
                 return

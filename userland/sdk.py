@@ -313,6 +313,9 @@ class Context:
                 raise   # never hide the exception that ended the block
 
 
+HEARTBEAT = 5.0     # s between an attached program's pings (the kernel reaps after 30 s)
+
+
 def _leave(conn: Connection) -> None:
     """Exit as a process (status 0), best effort: the kernel may be gone already."""
     try:
@@ -344,7 +347,8 @@ def connect(home=None, timeout: float | None = None) -> Kernel:
             where = where or sock.parent.parent        # HOME/run/kernel.sock
     else:
         endpoint, token, where = _attach(home)
-        return Kernel(Connection(endpoint, token, timeout=timeout), where, attached=True)
+        conn = Connection(endpoint, token, timeout=timeout, heartbeat=HEARTBEAT)
+        return Kernel(conn, where, attached=True)
     return Kernel(Connection(endpoint, token, timeout=timeout), where)
 
 

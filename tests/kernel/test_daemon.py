@@ -172,3 +172,23 @@ def test_sigterm_shuts_down_cleanly(kernel):
     assert not home.socket_path.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_a_silent_attached_program_is_reaped_and_a_beating_one_is_not(tmp_path):
+    home = Home(tmp_path / "home")
+    proc = start_kernel(home.path, "--heartbeat-timeout", "1.5")
+    try:
+        beating = Connection(home.socket_url, read_token(home), timeout=T, heartbeat=0.3)
+        silent = Connection(home.socket_url, read_token(home), timeout=T)
+        watcher = Connection(home.socket_url, read_token(home), timeout=T, heartbeat=0.3)
+        pids = beating.hello["pid"], silent.hello["pid"]
+        deadline = time.monotonic() + T
+        while pids[1] in {r["pid"] for r in watcher.call(Sys.PS)["procs"]}:
+            assert time.monotonic() < deadline, "the silent program was never reaped"
+            time.sleep(0.2)
+        assert pids[0] in {r["pid"] for r in watcher.call(Sys.PS)["procs"]}
+        for c in (beating, silent, watcher):
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(T)
