@@ -99,14 +99,16 @@ class Engine:
         self.scheduler.add(req)
         return req
 
-    def _prompt_tokens(self, prompt, messages, continuing: bool = False) -> list[int]:
+    def _prompt_tokens(self, prompt, messages, continuing: bool = False,
+                       reply: bool = True) -> list[int]:
         """Token ids of a prompt. `continuing`: appended to a conversation already under
-        way, so chat messages lose the template's leading BOS (it begins the context)."""
+        way, so chat messages lose the template's leading BOS (it begins the context).
+        `reply`: chat messages end with the template's prompt for the assistant's turn."""
         if (prompt is None) == (messages is None):
             raise EngineError("prompt: give exactly one of prompt text, token ids or messages")
         if messages is not None:
             try:
-                tokens = self.tokenizer.encode_chat(messages)
+                tokens = self.tokenizer.encode_chat(messages, add_generation_prompt=reply)
             except ValueError as e:     # no template, malformed messages, raise_exception()
                 raise EngineError(f"messages: {e}") from None
             bos = self.tokenizer.token_to_id(self.tokenizer.bos_token or "")
@@ -227,7 +229,8 @@ class Engine:
 
     def context_extend(self, context: int, prompt=None, *, messages=None) -> None:
         ctx = self._idle_context(context)
-        tokens = self._prompt_tokens(prompt, messages, continuing=bool(ctx.seq.tokens))
+        tokens = self._prompt_tokens(prompt, messages, continuing=bool(ctx.seq.tokens),
+                                     reply=False)
         self._check_fits(len(ctx.seq.tokens) + len(tokens), 0)
         ctx.seq.tokens += tokens
 

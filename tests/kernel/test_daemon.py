@@ -155,6 +155,17 @@ def test_second_turn_on_a_context_computes_only_new_tokens(kernel):
     u1, u2 = first["usage"], second["usage"]
     assert u2["cached_tokens"] == u1["prompt_tokens"] + u1["completion_tokens"] - 1
     assert first["text"].strip() == "59"
+    # the same conversation recomputed from nothing, in-process, gives the same reply
+    engine = Engine.from_pretrained("tiny", num_blocks=64)
+    tok = engine.tokenizer
+    system = tok.encode_chat([{"role": "system", "content": "You are tiny."}],
+                             add_generation_prompt=False)
+    turn1 = tok.encode_chat([{"role": "user", "content": "add 12 47"}])[1:]      # no 2nd BOS
+    turn2 = tok.encode_chat([{"role": "user", "content": "add 38 57"}])[1:]
+    full = system + turn1 + first["token_ids"] + turn2
+    assert len(full) == u2["prompt_tokens"]
+    again = engine.generate([full], max_tokens=8)[0]
+    assert again.token_ids == second["token_ids"]
     with pytest.raises(SyscallError) as e:
         c.call(Sys.CONTEXT_INFO, context=ctx + 100)
     assert e.value.code == "ESRCH"
@@ -192,3 +203,27 @@ def test_a_silent_attached_program_is_reaped_and_a_beating_one_is_not(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(T)
+
+
+def test_a_thousand_bad_messages_get_precise_errors_from_the_real_kernel(kernel):
+    import random
+
+    from tests.syscalls.conftest import Raw
+    from tests.syscalls.test_server import bad_messages
+    home, _ = kernel
+    # The oversized cases of that suite assume a 64 KiB message limit; the kernel's is 16 MiB.
+    cases = [c for c in bad_messages(random.Random(7)) if not c[0].startswith("oversized")]
+    assert len(cases) >= 1000
+    anon, authed = Raw(home.socket_url), Raw(home.socket_url)
+    try:
+        assert authed.call(1, Sys.HELLO, token=read_token(home))["ok"] is True
+        for label, needs_hello, frames, code, cid, _ in cases:
+            (authed if needs_hello else anon).send(*frames)
+            reply = (authed if needs_hello else anon).recv()
+            assert (reply["ok"], reply["e"]["code"], reply["id"]) == (False, code, cid), label
+    finally:
+        anon.close()
+        authed.close()
+    c = connect(home)
+    assert c.call(Sys.GENERATE, prompt="12+47=", max_tokens=8)["text"] == "59"
+    c.close()
