@@ -30,8 +30,10 @@ def _engine(model: str, driver: str):
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "-m", default="tiny", show_default=True,
-              help='Model directory in Hugging Face format, or "tiny" (embedded).')
+@click.option("--model", "-m", default=None,
+              help='Model directory in Hugging Face format, or "tiny" (embedded); runs in '
+                   'this process. Default: the running kernel, else "tiny" in this process.')
+@click.option("--home", default=None, help="The kernel's home (default $LLMOS_HOME or ~/.llmos).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to PROMPT.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--max-tokens", "-n", default=64, show_default=True, type=int)
@@ -43,10 +45,9 @@ def _engine(model: str, driver: str):
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True)
 @click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
-def generate(prompt, model, chat, system, driver, **sampling) -> None:
-    """Stream a completion of PROMPT from the engine, in this process."""
-    from llmos.kernel import EngineError
-    engine = _engine(model, driver)
+def generate(prompt, model, home, chat, system, driver, **sampling) -> None:
+    """Stream a completion of PROMPT: through the kernel when one is up (and no --model
+    is given), else from an engine in this process."""
     sampling["stop"] = list(sampling["stop"])
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -54,24 +55,53 @@ def generate(prompt, model, chat, system, driver, **sampling) -> None:
         source = {"messages": messages}
     else:
         source = {"prompt": prompt}
+    start = time.perf_counter()
+    if model is None and _kernel_is_up(home):
+        completion = _generate_through_kernel(home, source, sampling)
+    else:
+        completion = _generate_here(model or "tiny", driver, source, sampling)
+    u = completion.usage
+    click.echo()
+    click.echo(f"[{completion.finish_reason}; {u.prompt_tokens} prompt + "
+               f"{u.completion_tokens} completion tokens in {time.perf_counter() - start:.2f}s]",
+               err=True)
+
+
+def _kernel_is_up(home) -> bool:
+    from llmos.kernel.home import Home
+    return Home(home).running_pid() is not None
+
+
+def _generate_through_kernel(home, source, sampling):
+    from llmos.userland import SyscallError, connect
+    try:
+        with connect(home) as k:
+            stream = k.generate(**source, stream=True, **sampling)
+            for delta in stream:
+                click.echo(delta.text, nl=False)
+                sys.stdout.flush()
+            return stream.completion
+    except SyscallError as e:
+        raise click.ClickException(f"{e.code}: {e.msg}") from None
+
+
+def _generate_here(model, driver, source, sampling):
+    from llmos.kernel import EngineError
+    engine = _engine(model, driver)
     out = []
     try:
         engine.add_request(**source, on_event=out.append, stream=True, **sampling)
     except EngineError as e:
         raise click.ClickException(f"{e.code}: {e}") from None
-    start = time.perf_counter()
     while engine.has_work():
         engine.step()
-        while out:
-            delta = out.pop(0)
+        for delta in out:
             click.echo(delta.text, nl=False)
             sys.stdout.flush()
             if delta.finished:
-                u = delta.completion.usage
-                secs = time.perf_counter() - start
-                click.echo()
-                click.echo(f"[{delta.completion.finish_reason}; {u.prompt_tokens} prompt + "
-                           f"{u.completion_tokens} completion tokens in {secs:.2f}s]", err=True)
+                return delta.completion
+        out.clear()
+    raise click.ClickException("the engine stopped without finishing the request")
 
 
 @main.command()

@@ -227,3 +227,14 @@ def test_a_thousand_bad_messages_get_precise_errors_from_the_real_kernel(kernel)
     c = connect(home)
     assert c.call(Sys.GENERATE, prompt="12+47=", max_tokens=8)["text"] == "59"
     c.close()
+
+
+def test_llmos_generate_goes_through_a_running_kernel(kernel):
+    home, _ = kernel
+    run = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "generate", "--home",
+                          str(home.path), "12+47="], capture_output=True, text=True, timeout=T)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "59\n" and "[stop; 7 prompt + 3 completion tokens" in run.stderr
+    c = connect(home)
+    assert c.call(Sys.SYSINFO)["engine"]["generated_tokens"] >= 3     # the kernel served it
+    c.close()
