@@ -36,6 +36,7 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
         log.info("booting: model %s, driver %s", model, driver)
         engine = Engine.from_pretrained(model, driver=driver,   # 2. the model and KV pool
                                         kv_memory=kv_memory)
+        _inject_faults(engine)
         kernel = Kernel(home, engine, str(model), str(driver))   # 3. engine loop, procs
         table = SyscallTable()
         install(table, kernel, token)                        # 4. the syscall table
@@ -68,6 +69,15 @@ def _stop_on_signals(kernel) -> list:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     return stopped_by
+
+
+def _inject_faults(engine) -> None:
+    """Fault injection for tests ($LLMOS_FAULT): "engine-crash" breaks the first step."""
+    from . import tunables
+    if os.environ.get(tunables.FAULT_ENV) == "engine-crash":
+        def step():
+            raise RuntimeError("injected engine crash ($LLMOS_FAULT=engine-crash)")
+        engine.step = step
 
 
 def _peer_gone(kernel, conn) -> None:

@@ -8,3 +8,4 @@ KV_MEMORY_CAP = 1 << 30          # ...but at most this many bytes unless asked (
 SWAP_FRACTION = 0.5              # host swap pool, in blocks, as a share of the device KV pool
 POISON_ENV = "LLMOS_KV_POISON"   # "1": fill freed KV blocks with NaN to expose use-after-free
 ARRIVAL_WINDOW = 0.002           # s an idle engine waits for more requests before stepping
+FAULT_ENV = "LLMOS_FAULT"         # "engine-crash": the engine's first step raises (tests only)

@@ -30,10 +30,11 @@ AGENT = textwrap.dedent("""
 """)
 
 
-def start_kernel(home, *extra) -> subprocess.Popen:
+def start_kernel(home, *extra, env=None) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel.daemon", "--home", str(home),
                              "--kv-memory", "16M", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     ready, _, _ = select.select([proc.stdout], [], [], T)
     line = proc.stdout.readline() if ready else ""
     if "listening on" not in line:
@@ -238,3 +239,20 @@ def test_llmos_generate_goes_through_a_running_kernel(kernel):
     c = connect(home)
     assert c.call(Sys.SYSINFO)["engine"]["generated_tokens"] >= 3     # the kernel served it
     c.close()
+
+
+def test_an_engine_crash_fails_waiting_calls_and_the_kernel_exits_nonzero(tmp_path):
+    home = Home(tmp_path / "home")
+    proc = start_kernel(home.path, env={"LLMOS_FAULT": "engine-crash"})
+    try:
+        c = connect(home)
+        with pytest.raises(SyscallError) as e:
+            c.call(Sys.GENERATE, prompt="12+47=", max_tokens=8)
+        assert e.value.code in ("ECANCELED", "EDEAD")
+        assert proc.wait(T) == 1
+        assert not home.socket_path.exists()
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(T)
