@@ -119,10 +119,12 @@ class Kernel:
                 else:
                     call.reply(completion_result(c))
 
+        salt = self._salt(pid)
+
         def submit(engine):
             try:
                 req = engine.add_request(**source, context=context, on_event=on_event,
-                                         stream=stream, **sampling)
+                                         stream=stream, salt=salt, **sampling)
             except EngineError as e:
                 call.error(e.code, str(e))
                 return
@@ -154,12 +156,21 @@ class Kernel:
     def context_create(self, call, pid: int, system=None, messages=None) -> None:
         if system is not None:
             messages = [{"role": "system", "content": system}]
+        salt = self._salt(pid)
         self._answer(call, lambda e: self._adopt(
-            pid, e.context_create(messages=messages) if messages else e.context_create()))
+            pid, e.context_create(messages=messages, salt=salt) if messages
+            else e.context_create(salt=salt)))
 
     def context_fork(self, call, pid: int, context: int) -> None:
         self._check_owns(pid, context)
         self._answer(call, lambda e: self._adopt(pid, e.context_fork(context)))
+
+    def _salt(self, pid: int) -> bytes:
+        """Prefix-cache salt: processes of one owner (uid) share cached prefixes, owners don't."""
+        try:
+            return b"uid:%d" % self.procs.get(pid).owner
+        except ProcError as e:
+            raise SyscallError(e.code, e.msg) from None
 
     def _adopt(self, pid: int, context: int) -> dict:
         """Engine thread: record that pid holds a new context; its syscall result."""
