@@ -123,6 +123,11 @@ class Kernel:
 
         def submit(engine):
             try:
+                stopped = self.procs.get(pid).state is State.STOPPED
+            except ProcError:               # the caller died meanwhile: nothing to run
+                call.error("ESRCH", f"process {pid} has exited")
+                return
+            try:
                 req = engine.add_request(**source, context=context, on_event=on_event,
                                          stream=stream, salt=salt, **sampling)
             except EngineError as e:
@@ -130,7 +135,7 @@ class Kernel:
                 return
             with self._lock:
                 self._requests.setdefault(pid, {})[call.id] = req.id
-            if self.procs.get(pid).state is State.STOPPED:
+            if stopped:
                 engine.set_stopped(req.id, True)
         self._submit(call, submit)
 

@@ -10,7 +10,7 @@ import hmac
 import os
 import threading
 
-from .errors import EACCES, EPERM, SyscallError
+from .errors import EACCES, EINVAL, EPERM, SyscallError
 from .numbers import Sys
 from .table import PENDING, SyscallTable
 
@@ -23,9 +23,12 @@ def install(table: SyscallTable, kernel, owner_token: str) -> None:
         return call.conn.pid
 
     def sys_hello(call, a):
+        if call.conn.authenticated:     # a second hello would make a second process
+            raise SyscallError(EINVAL, f"hello: this connection is already process {call.conn.pid}")
         token = a["token"]
-        if hmac.compare_digest(token, owner_token):
-            proc = kernel.procs.attach(None, "attached")
+        # bytes: compare_digest refuses str with non-ASCII characters (TypeError)
+        if hmac.compare_digest(token.encode(), owner_token.encode()):
+            proc = _proc(lambda: kernel.procs.attach(None, "attached"))
             call.conn.data["owner"] = True
         else:
             proc = kernel.procs.by_token(token)

@@ -256,3 +256,17 @@ def test_an_engine_crash_fails_waiting_calls_and_the_kernel_exits_nonzero(tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait(T)
+
+
+def test_hello_refuses_odd_tokens_and_a_second_hello(kernel):
+    home, _ = kernel
+    for token in ("wrong", "ünïcode-tökén", ""):
+        with pytest.raises(SyscallError) as e:
+            Connection(home.socket_url, token, timeout=T)
+        assert e.value.code == "EACCES", token
+    c = connect(home)
+    with pytest.raises(SyscallError) as e:
+        c.call(Sys.HELLO, token=read_token(home))
+    assert e.value.code == "EINVAL" and f"process {c.hello['pid']}" in e.value.msg
+    assert c.call(Sys.GETPID)["pid"] == c.hello["pid"]
+    c.close()
