@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmos.kernel import Engine  # noqa: E402
-from llmos.kernel.boot import resolve_model  # noqa: E402
+from llmos.kernel.load import resolve_model  # noqa: E402
 
 console = Console(width=110)
 

@@ -1,14 +1,15 @@
 """The llmos kernel: engine, scheduler, memory managers, models, processes.
 
 The engine's names are loaded on first use, so that `llmos.kernel.proc` or
-`llmos.kernel.home` can be imported without pulling in torch.
+`llmos.kernel.home` can be imported without pulling in torch. `python -m llmos.kernel`
+runs the daemon (kernel/boot.py).
 """
 import importlib
 
 _LAZY = {
     "Engine": ".engine", "EngineError": ".errors", "NoSuchContext": ".errors",
-    "ContextBusy": ".errors", "KVOutOfMemory": ".errors", "Completion": ".request",
-    "Delta": ".request", "Usage": ".request", "SamplingParams": ".sampling",
+    "ContextBusy": ".errors", "KVOutOfMemory": ".errors", "RequestOutput": ".request",
+    "SamplingParams": ".sampling",
 }
 
 __all__ = list(_LAZY)

@@ -1,84 +1,108 @@
-"""From a checkpoint directory to a running Engine: resolve, load, size the KV pool."""
+"""Booting the kernel: `llmos up` runs `boot`, which reads as the table of contents.
+
+    python -m llmos.kernel [--home DIR] [--model tiny] [--driver cpu] [--kv-memory 512M]
+
+Exit status: 0 after a clean shutdown (SIGTERM, SIGINT, `llmos down`), 1 when the
+engine crashed, 2 when it could not boot (the message, on stderr, says why).
+"""
 from __future__ import annotations
 
+import argparse
+import logging
 import os
-from pathlib import Path
+import signal
+import sys
 
-import torch
-
-from llmos.drivers.base import parse_size
+from llmos.syscalls.home import Home, HomeError
 
 from . import tunables
-from .config import CheckpointError
-from .loader import load_weights, open_model_dir
-from .models.llama import CausalLM
+from .home import HomeLock
 
-EMBEDDED = {"tiny": Path(__file__).parent / "tiny" / "model"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("llmos.kernel")
+GRACE = 5.0       # seconds children get between SIGTERM and SIGKILL at shutdown
 
 
-def resolve_model(path_or_name: str | os.PathLike) -> Path:
-    """"tiny" names the embedded model; anything else is a directory."""
-    return EMBEDDED.get(str(path_or_name), Path(path_or_name))
+def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
+         heartbeat_timeout: float = tunables.HEARTBEAT_TIMEOUT) -> int:
+    """Boot, serve until told to stop, shut down. Returns the exit status."""
+    from .engine import Engine
+    from .kernel import Kernel
+    from .server import Server
+    from .syscall import SyscallTable, install
+
+    home = Home(home_dir)
+    lock = HomeLock(home)
+    token = lock.acquire()                                   # 1. the home, locked
+    try:
+        _log_to(home.kernel_log)
+        log.info("booting: model %s, driver %s", model, driver)
+        engine = Engine.from_pretrained(model, driver=driver,   # 2. the model and KV pool
+                                        kv_memory=kv_memory)
+        _inject_faults(engine)
+        kernel = Kernel(home, engine, str(model), token)     # 3. processes, engine loop
+        table = SyscallTable()
+        install(table, kernel)                               # 4. the syscall table
+        server = Server(home.socket_url, table,              # 5. the socket
+                        on_peer_gone=kernel.peer_gone).start()
+    except BaseException:
+        lock.release()
+        raise
+    kernel.watch_silence(server, heartbeat_timeout)
+    stopped_by = _stop_on_signals(kernel)
+    print(f"llmos kernel {os.getpid()} listening on {home.socket_url}", flush=True)
+    log.info("listening on %s (driver %s, %d KV blocks)", home.socket_url, engine.driver.name,
+             engine.num_blocks)
+    kernel.loop.run()                                        # 6. serve: the engine, this thread
+    log.info("shutting down: %s", stopped_by[0] if stopped_by else "engine crashed")
+    server.close(cancel=True)                                # 7. calls in flight get ECANCELED
+    kernel.procs.shutdown(GRACE)                             # 8. children: TERM, then KILL
+    kernel.close()
+    lock.release()                                           # 9. socket, token, pid file
+    return 1 if kernel.dead.is_set() else 0
 
 
-def pick_dtype(requested: str | torch.dtype | None, stored: str, device: torch.device):
-    """The checkpoint's dtype unless asked otherwise; half precision becomes float32 on the
-    CPU, where half-precision matmuls are slow and less exact."""
-    if isinstance(requested, torch.dtype):
-        return requested
-    name = requested or stored or "float32"
-    if name not in DTYPES:
-        raise ValueError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
-    if requested is None and device.type == "cpu":
-        return torch.float32
-    return DTYPES[name]
+def _stop_on_signals(kernel) -> list:
+    """SIGTERM and SIGINT stop the engine loop; returns the list that names the signal."""
+    stopped_by = []
+
+    def on_signal(signum, frame):
+        stopped_by.append(signal.Signals(signum).name)
+        kernel.loop.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    return stopped_by
 
 
-def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
-                num_blocks: int | None = None, block_size: int = tunables.BLOCK_SIZE,
-                max_num_seqs: int = tunables.MAX_NUM_SEQS,
-                max_num_batched_tokens: int = tunables.MAX_NUM_BATCHED_TOKENS,
-                num_swap_blocks: int | None = None,
-                enable_prefix_caching: bool = True, poison: bool | None = None):
-    """Load a model directory onto a driver; raise CheckpointError naming what is wrong.
-
-    num_blocks defaults to what kv_memory (bytes or "512M"; default a share of the
-    device's free memory) holds; num_swap_blocks, the host swap pool, to half of that.
-    """
-    from llmos.drivers import get_driver
-    drv = get_driver(driver) if isinstance(driver, str) else driver
-    mdir = open_model_dir(resolve_model(path_or_name))
-    cfg = mdir.config
-    torch_dtype = pick_dtype(dtype, cfg.torch_dtype, drv.device)
-    model = CausalLM.from_weights(cfg, load_weights(mdir.path, cfg, torch_dtype), drv.device)
-    if block_size < 1 or (num_blocks is not None and num_blocks < 1):
-        raise ValueError(f"KV pool: {num_blocks} blocks of {block_size} tokens is too small")
-    if num_blocks is None:
-        num_blocks = _pool_blocks(drv, cfg, block_size, torch_dtype, kv_memory)
-    max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
-    if num_swap_blocks is None:
-        num_swap_blocks = int(num_blocks * tunables.SWAP_FRACTION)
-    if poison is None:
-        poison = os.environ.get(tunables.POISON_ENV) == "1"
-    return cls(model, mdir.tokenizer, drv, num_blocks=num_blocks, block_size=block_size,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-               max_model_len=max_len, num_swap_blocks=num_swap_blocks,
-               enable_prefix_caching=enable_prefix_caching, poison=poison)
+def _inject_faults(engine) -> None:
+    """Fault injection for tests ($LLMOS_FAULT): "engine-crash" breaks the first step."""
+    if os.environ.get(tunables.FAULT_ENV) == "engine-crash":
+        def step():
+            raise RuntimeError("injected engine crash ($LLMOS_FAULT=engine-crash)")
+        engine.step = step
 
 
-def _pool_blocks(drv, cfg, block_size, dtype, kv_memory) -> int:
-    elem = torch.tensor([], dtype=dtype).element_size()
-    per_block = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
-    if kv_memory is None:
-        free, _ = drv.memory_info()
-        budget = min(int(free * tunables.KV_MEMORY_FRACTION), tunables.KV_MEMORY_CAP)
-    else:
-        budget = parse_size(kv_memory, "kv_memory")
-    if budget < per_block:
-        raise ValueError(f"KV pool: {budget} bytes hold no block of {block_size} tokens "
-                         f"({per_block} bytes for this model); give a larger kv_memory")
-    return budget // per_block
+def _log_to(path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("llmos")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
-__all__ = ["load_engine", "resolve_model", "CheckpointError"]
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llmos.kernel",
+                                 description="The llmos kernel daemon (`llmos up` runs it).")
+    ap.add_argument("--home", default=None, help="home directory (default $LLMOS_HOME or ~/.llmos)")
+    ap.add_argument("--model", default="tiny", help='a Hugging Face model directory, or "tiny"')
+    ap.add_argument("--driver", default="cpu", help='cpu, cuda, a plugin, or "auto"')
+    ap.add_argument("--kv-memory", default=None, help="KV pool size, e.g. 512M")
+    ap.add_argument("--heartbeat-timeout", type=float, default=tunables.HEARTBEAT_TIMEOUT,
+                    help="seconds of silence after which an attached program is reaped")
+    args = ap.parse_args(argv)
+    try:
+        return boot(args.home, args.model, args.driver, args.kv_memory, args.heartbeat_timeout)
+    except (HomeError, ValueError) as e:       # CheckpointError and bad options are ValueErrors
+        print(f"llmos kernel: {e}", file=sys.stderr)
+        return 2

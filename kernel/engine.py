@@ -12,7 +12,12 @@ One step (`step`):
      scheduler decided them);
   4. newly full blocks enter the prefix cache;
   5. requests whose pending tokens all ran sample a token each;
-  6. finished requests release their sequence; every request with news gets a Delta.
+  6. finished requests release their sequence; every request with news gets a
+     RequestOutput (new token ids and text; the last one carries the Completion).
+
+Prompts may come as text, chat messages or token ids. `encode` (thread-safe: it reads
+only the tokenizer) turns text and messages into ids, so a caller may tokenize elsewhere
+and hand `add_request` the ids.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from typing import Callable, Iterable
 
 from .blocks import BlockManager
 from .errors import ContextBusy, EngineError, KVOutOfMemory, NoSuchContext
-from .request import Completion, Context, Delta, Request, Sequence
+from llmos.syscalls.types import Completion
+
+from .request import Context, Request, RequestOutput, Sequence
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
@@ -55,12 +62,13 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.contexts: dict[int, Context] = {}
         self._context_ids = itertools.count(1)
+        self.last_batch: list[Request] = []   # the requests the latest step computed
         self.stats = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0}
 
     @classmethod
     def from_pretrained(cls, path_or_name: str, **options) -> "Engine":
-        """Load a Hugging Face directory (or "tiny", the embedded model); see boot.load_engine."""
-        from .boot import load_engine
+        """Load a Hugging Face directory (or "tiny", the embedded model); see load.load_engine."""
+        from .load import load_engine
         return load_engine(cls, path_or_name, **options)
 
     @property
@@ -70,18 +78,26 @@ class Engine:
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, *, messages: list | None = None,
                     params: SamplingParams | None = None, context: int | None = None,
-                    on_event: Callable[[Delta], None] | None = None, salt: bytes | None = None,
-                    stream: bool = False, **sampling) -> Request:
-        """Queue a request; return it (its `.id` names it for `abort`).
+                    on_event: Callable[[RequestOutput], None] | None = None,
+                    salt: bytes | None = None, stream: bool = False, chat: bool = False,
+                    request_id: int | None = None, owner: object = None,
+                    **sampling) -> Request:
+        """Queue a request; return it (its `.id`, or request_id if given, names it for
+        `abort`; `owner` is an opaque tag for the caller).
 
-        The prompt is text, token ids, or chat `messages`; on a context it is appended to the
-        context's tokens. Deltas (returned by step, and given to on_event) carry token ids;
-        with stream=True also their text, else the text comes whole in the Completion. Raises EngineError (EINVAL) for bad input, NoSuchContext, ContextBusy,
-        or KVOutOfMemory when it could never fit in the pool.
+        The prompt is text, token ids, or chat `messages`; on a context it is appended to
+        the context's tokens. Token ids with chat=True came from the chat template (see
+        encode): a leading BOS is dropped when they continue a context. RequestOutputs
+        (returned by step, and given to on_event) carry token ids; with stream=True also
+        their text, else the text comes whole in the Completion. Raises EngineError
+        (EINVAL) for bad input, NoSuchContext, ContextBusy, or KVOutOfMemory when it
+        could never fit in the pool.
         """
         params = (params or SamplingParams.from_options(sampling)).check(self.config.vocab_size)
         ctx = self._context(context) if context is not None else None
-        tokens = self._prompt_tokens(prompt, messages, continuing=bool(ctx and ctx.seq.tokens))
+        if messages is not None or isinstance(prompt, str):
+            prompt, chat = self.encode(prompt, messages), messages is not None
+        tokens = self._token_ids(prompt, chat, continuing=bool(ctx and ctx.seq.tokens))
         if ctx is not None and ctx.busy is not None:
             raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
         seq = ctx.seq if ctx else Sequence([], self.blocks.new_table(salt))
@@ -89,32 +105,38 @@ class Engine:
         if total == 0:
             raise EngineError("prompt: empty (give text, token ids or messages)")
         self._check_fits(total, params.max_tokens)
+        if request_id is not None and request_id in self.requests:
+            raise EngineError(f"request id {request_id} is in use")
         if params.max_tokens > 0 and not tokens and seq.num_pending == 0:
             self.blocks.truncate(seq.table, seq.num_computed - 1)   # recompute for logits
         seq.tokens += tokens
-        req = Request(seq, params, self.tokenizer, on_event, ctx, stream)
+        req = Request(seq, params, self.tokenizer, on_event, ctx, stream, owner=owner,
+                      **({} if request_id is None else {"id": request_id}))
         if ctx:
             ctx.busy = req
         self.requests[req.id] = req
         self.scheduler.add(req)
         return req
 
-    def _prompt_tokens(self, prompt, messages, continuing: bool = False,
-                       reply: bool = True) -> list[int]:
-        """Token ids of a prompt. `continuing`: appended to a conversation already under
-        way, so chat messages lose the template's leading BOS (it begins the context).
-        `reply`: chat messages end with the template's prompt for the assistant's turn."""
+    def encode(self, prompt: str | list[int] | None = None, messages: list | None = None,
+               reply: bool = True) -> list[int]:
+        """Token ids of exactly one of prompt (text or ids) and chat messages. `reply`:
+        messages end with the template's prompt for the assistant's turn. Thread-safe.
+        Raises EngineError naming what is wrong."""
         if (prompt is None) == (messages is None):
             raise EngineError("prompt: give exactly one of prompt text, token ids or messages")
         if messages is not None:
             try:
-                tokens = self.tokenizer.encode_chat(messages, add_generation_prompt=reply)
+                return self.tokenizer.encode_chat(messages, add_generation_prompt=reply)
             except ValueError as e:     # no template, malformed messages, raise_exception()
                 raise EngineError(f"messages: {e}") from None
-            bos = self.tokenizer.token_to_id(self.tokenizer.bos_token or "")
-            return tokens[1:] if continuing and tokens[:1] == [bos] else tokens
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        return self._token_ids(prompt, chat=False, continuing=False)
+
+    def _token_ids(self, prompt, chat: bool, continuing: bool) -> list[int]:
+        """Checked token ids; chat ids continuing a conversation lose the template's BOS
+        (it begins the context)."""
         if not isinstance(prompt, (list, tuple)):
             raise EngineError(f"prompt: text or a list of token ids, got {type(prompt).__name__}")
         tokens = list(prompt)
@@ -122,6 +144,9 @@ class Engine:
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                    for t in tokens):
             raise EngineError(f"prompt: token ids must be integers in [0, {vocab})")
+        bos = self.tokenizer.token_to_id(self.tokenizer.bos_token or "")
+        if chat and continuing and tokens[:1] == [bos]:
+            return tokens[1:]
         return tokens
 
     def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -157,7 +182,7 @@ class Engine:
         return self.scheduler.has_work()
 
     # ---- the step -------------------------------------------------------------------
-    def step(self) -> list[Delta]:
+    def step(self) -> list[RequestOutput]:
         """Run one engine step (see the module docstring); return the deltas it produced."""
         batch = self.scheduler.schedule()
         touched = []
@@ -165,6 +190,7 @@ class Engine:
             req.finish("abort", error=f"out of KV memory: {len(req.seq.tokens)} tokens do not "
                                       f"fit in the {self.blocks.num_free_blocks} free blocks")
             touched.append(req)
+        self.last_batch = [req for req, _ in batch.items]
         if batch.items:
             sampling, logits = self.runner.run(batch.items)
             for req, n in batch.items:
@@ -211,7 +237,7 @@ class Engine:
         else:
             self.blocks.free(req.seq.table)
 
-    def _emit(self, req: Request) -> Delta | None:
+    def _emit(self, req: Request) -> RequestOutput | None:
         delta = req.take_delta()
         if delta is not None and req.on_event is not None:
             req.on_event(delta)
@@ -219,26 +245,36 @@ class Engine:
 
     # ---- contexts -------------------------------------------------------------------
     def context_create(self, prompt: str | list[int] | None = None, *, messages=None,
-                       salt: bytes | None = None) -> int:
-        """A KV sequence that outlives requests; its tokens are computed by the next request."""
-        ctx = Context(next(self._context_ids), Sequence([], self.blocks.new_table(salt)))
-        self.contexts[ctx.id] = ctx
-        if prompt is not None or messages is not None:
-            self.context_extend(ctx.id, prompt, messages=messages)
-        return ctx.id
+                       salt: bytes | None = None, context_id: int | None = None,
+                       owner: object = None) -> int:
+        """A KV sequence that outlives requests; its tokens are computed by the next request.
+        Returns its id (context_id if given). Raises EngineError for a bad prompt."""
+        cid = next(self._context_ids) if context_id is None else context_id
+        if cid in self.contexts:
+            raise EngineError(f"context id {cid} is in use")
+        tokens = [] if prompt is None and messages is None else self.encode(prompt, messages, reply=False)
+        self._check_fits(len(tokens), 0)
+        ctx = Context(cid, Sequence(tokens, self.blocks.new_table(salt)), owner=owner)
+        self.contexts[cid] = ctx
+        return cid
 
     def context_extend(self, context: int, prompt=None, *, messages=None) -> None:
         ctx = self._idle_context(context)
-        tokens = self._prompt_tokens(prompt, messages, continuing=bool(ctx.seq.tokens),
-                                     reply=False)
+        tokens = self._token_ids(self.encode(prompt, messages, reply=False),
+                                 chat=messages is not None, continuing=bool(ctx.seq.tokens))
         self._check_fits(len(ctx.seq.tokens) + len(tokens), 0)
         ctx.seq.tokens += tokens
 
-    def context_fork(self, context: int) -> int:
+    def context_fork(self, context: int, context_id: int | None = None,
+                     owner: object = None) -> int:
         """A copy-on-write child: it shares every block of the parent until one of them writes."""
         parent = self._idle_context(context)
+        cid = next(self._context_ids) if context_id is None else context_id
+        if cid in self.contexts:
+            raise EngineError(f"context id {cid} is in use")
         table = self.blocks.fork(parent.seq.table)
-        child = Context(next(self._context_ids), Sequence(list(parent.seq.tokens), table))
+        child = Context(cid, Sequence(list(parent.seq.tokens), table),
+                        owner=parent.owner if owner is None else owner)
         self.contexts[child.id] = child
         return child.id
 
@@ -277,3 +313,9 @@ class Engine:
         while len(done) < len(reqs) and self.has_work():
             done.update((d.request_id, d.completion) for d in self.step() if d.finished)
         return [done[r.id] for r in reqs]
+
+    def blocks_of(self, owner: object) -> int:
+        """KV blocks held by the requests and contexts tagged `owner` (shared ones once)."""
+        tables = [r.seq.table for r in self.requests.values() if r.owner is owner]
+        tables += [c.seq.table for c in self.contexts.values() if c.owner is owner]
+        return len({b for t in tables for b in t.blocks})

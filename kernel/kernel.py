@@ -1,268 +1,303 @@
-"""The kernel: processes, the engine loop, and what each process holds.
+"""The kernel: the policy behind the syscalls, over the process table and the engine loop.
 
-Policy lives here; the syscall handlers (syscalls/handlers.py) only decode and call in.
-Three threads meet here: the syscall I/O thread calls the public methods, the engine
-thread runs the functions they submit, and the reaper thread reports deaths. None of
-them ever waits on another: I/O-thread calls that need the engine submit work and
-return; the engine answers a call through `Call.reply` / `Call.error` / `Call.event`.
+The sys_* functions (kernel/sysproc.py, sysllm.py, sysinfo.py) decode their arguments
+and call these methods; the rules (who may act on whom, what a process owns, when work
+starts) live here and in the process table.
+
+Threads and what each may touch:
+  I/O thread (kernel/server.py)  the public methods below; never waits on the engine.
+  engine thread (kernel/loop.py)  the engine; answers LLM calls.
+  tokenizer workers               encode long texts, then queue the command.
+  reaper, timers, sampler         deaths, wait timeouts and silence, CPU and RSS.
+
+Ownership is recorded when a call is accepted, under the process table's lock, and the
+engine command that follows is queued under the same lock (see kernel/inbox.py): a
+cancel or a kill at any moment finds its request, and a dead process's work never starts.
 """
 from __future__ import annotations
 
+import hmac
+import itertools
 import logging
+import os
+import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from llmos.syscalls import SyscallError
+from llmos.syscalls.errors import E2BIG, EACCES, EINVAL, ENOENT, ESRCH, SyscallError
+from llmos.syscalls.types import Completion, Hello, ProcInfo, ProcState, WaitStatus
 
-from .errors import EngineError
-from .home import Home
+from . import inbox as cmd
+from . import tunables
 from .loop import EngineLoop
-from .proc import Proc, ProcError, ProcTable, State, parse_signal
+from .proc import ProcTable, first_free_pid
+from .sampler import Sampler
+from .timers import Timers
 
 log = logging.getLogger("llmos.kernel")
 
-CANCEL_SIGNALS = {"SIGTERM", "SIGKILL", "SIGINT"}   # cancel a process's LLM work
+CANCEL_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT}   # cancel its LLM work
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
             "stop_token_ids", "ignore_eos")
 
 
 class Kernel:
-    def __init__(self, home: Home, engine, model_name: str, driver_name: str):
-        self.home, self.engine = home, engine
-        self.model_name, self.driver_name = model_name, driver_name
+    def __init__(self, home, engine, model_name: str, owner_token: str):
+        self.home, self.engine, self.model_name = home, engine, model_name
+        self._owner_token = owner_token.encode()
         self.started = time.time()
-        self.loop = EngineLoop(engine, on_crash=self._engine_crashed)
-        self.procs = ProcTable(on_exit=self._exited, on_signal=self._signalled)
-        self.dead = threading.Event()           # the engine crashed: the daemon must exit
-        self.stopping = threading.Event()       # set at shutdown: helper threads end
-        # What each process holds, guarded by self._lock: pid -> {call id: request id},
-        # pid -> set of context ids.
-        self._lock = threading.Lock()
-        self._requests: dict[int, dict[int, int]] = {}
-        self._contexts: dict[int, set[int]] = {}
+        self.procs = ProcTable(on_exit=self._exited, on_signal=self._signalled,
+                               first_pid=first_free_pid(home.log_dir))
+        self.loop = EngineLoop(engine, self.procs, on_crash=self._engine_crashed)
+        self.timers = Timers()
+        self.sampler = Sampler(self.procs).start()
+        self.tokenizers = ThreadPoolExecutor(tunables.TOKENIZE_WORKERS, "llmos-tokenize")
+        self.dead = threading.Event()          # the engine crashed: the daemon exits 1
+        self._ids = itertools.count(1)         # request and context ids (thread-safe in CPython)
+
+    def close(self) -> None:
+        """Stop the helper threads (after the loop and the server stopped)."""
+        self.timers.stop()
+        self.sampler.stop()
+        self.tokenizers.shutdown(wait=False, cancel_futures=True)
 
     # ---- processes ------------------------------------------------------------------
-    def spawn(self, parent: int, argv, name=None, nice=0, env=None) -> Proc:
-        return self.procs.spawn(argv, name=name, nice=nice, parent=parent, env_extra=env,
-                                socket_path=self.home.socket_url, log_dir=self.home.log_dir)
+    def hello(self, conn, token: str) -> Hello:
+        """Make conn a process: the owner's token attaches a new one, a process's own
+        token makes conn that process. Raises EACCES, or EINVAL for a second hello."""
+        if conn.authenticated:
+            raise SyscallError(EINVAL, f"hello: this connection is already process {conn.pid}")
+        # bytes: compare_digest refuses str with non-ASCII characters (TypeError)
+        if hmac.compare_digest(token.encode(), self._owner_token):
+            proc, conn.owner = self.procs.attach("attached"), True
+        else:
+            proc = self.procs.by_token(token)
+            if proc is None:
+                raise SyscallError(EACCES, "hello: wrong token")
+        conn.pid = proc.pid
+        return Hello(proc.pid, proc.ppid, os.getpid(), 1, conn.owner)
 
-    def _exited(self, proc: Proc) -> None:
-        """Reaper thread: a process died. Cancel its requests, free its KV and contexts."""
-        with self._lock:
-            requests = self._requests.pop(proc.pid, {})
-            contexts = self._contexts.pop(proc.pid, set())
+    def spawn(self, caller: int, argv: list, name=None, nice=None, env=None) -> int:
+        return self.procs.spawn(argv, name=name, nice=nice or 0, parent=caller, env_extra=env,
+                                socket_path=self.home.socket_url, log_dir=self.home.log_dir).pid
 
-        def release(engine):
-            for rid in requests.values():
-                engine.abort(rid)
-            for cid in contexts:
-                if cid in engine.contexts:
-                    engine.context_free(cid)
-        if requests or contexts:
+    def exit(self, caller: int, status: int) -> None:
+        self.procs.detach(caller, status)
+
+    def wait(self, call, caller: int, owner: bool, pid: int, timeout: float | None) -> None:
+        """Answer call with pid's WaitStatus when it is waitable, or exited=False after
+        timeout seconds. Raises ESRCH, EINVAL, EPERM at once."""
+        waiter = self.procs.wait(pid, caller, owner,
+                                 reply=lambda status: call.reply(WaitStatus(pid, True, status)),
+                                 fail=lambda err: call.error(err.code, err.msg))
+        if waiter is not None and timeout is not None:
+            def expire():
+                if self.procs.cancel_wait(pid, waiter):
+                    call.reply(WaitStatus(pid, False, None))
+            self.timers.after(timeout, expire)
+
+    def kill(self, caller: int, owner: bool, pid: int, sig) -> None:
+        self.procs.kill(pid, sig, caller, owner)
+
+    def _exited(self, proc, rids: list, contexts: list) -> None:
+        """Process table hook, under its lock: release what the dead process held."""
+        self.loop.put(cmd.Release(proc, rids, contexts))
+
+    def _signalled(self, proc, sig: int, rids: list) -> None:
+        """Process table hook, under its lock: a signal reached proc's LLM work."""
+        if sig in CANCEL_SIGNALS:
+            proc.requests.clear()
+            for rid in rids:
+                self.loop.put(cmd.Abort(rid))
+        elif sig in (signal.SIGSTOP, signal.SIGCONT):
+            self.loop.put(cmd.Pause(proc, sig == signal.SIGSTOP))
+
+    def peer_gone(self, conn) -> None:
+        """I/O thread: a connection vanished. Its LLM calls are cancelled; an attached
+        program whose connection it was has exited."""
+        if conn.pid is None:
+            return
+        with self.procs.lock:
             try:
-                self.loop.call(release, timeout=30)
-            except Exception as e:           # the engine is gone: nothing left to free
-                log.warning("pid %d: could not release its resources: %s", proc.pid, e)
-
-    def _signalled(self, proc: Proc, sig: int) -> None:
-        """A signal reached a process: cancel, pause or resume its LLM work."""
-        import signal
-        name = signal.Signals(sig).name if sig else ""
-        with self._lock:
-            rids = list(self._requests.get(proc.pid, {}).values())
-        if name in CANCEL_SIGNALS:
-            self.loop.submit(lambda e: [e.abort(r) for r in rids])
-        elif name in ("SIGSTOP", "SIGCONT"):
-            self.loop.submit(lambda e: [e.set_stopped(r, name == "SIGSTOP") for r in rids])
-
-    def kill(self, pid: int, sig, caller: int, owner: bool) -> None:
-        self.procs.kill(pid, parse_signal(sig), caller, owner=owner)
+                proc = self.procs.get(conn.pid)
+            except SyscallError:
+                return
+            for key in [k for k in proc.requests if k[0] == conn.peer]:
+                self.loop.put(cmd.Abort(proc.requests.pop(key)))
+            if proc.attached and proc.alive:
+                self.procs.detach(proc.pid, None)
 
     def watch_silence(self, server, timeout: float) -> None:
-        """A thread that reaps attached programs silent for longer than `timeout` (their
-        connection sends nothing, not even the SDK's heartbeat pings)."""
-        def watch():
-            while not self.stopping.wait(timeout / 3):
-                now = time.monotonic()
-                for conn in server.connections():
-                    if conn.pid is not None and now - conn.last_seen < timeout:
-                        try:
-                            self.procs.heartbeat(conn.pid)
-                        except ProcError:       # exited meanwhile
-                            pass
-                for proc in self.procs.reap_silent(timeout):
-                    log.info("pid %d: silent for %.0fs, reaped", proc.pid, timeout)
-        threading.Thread(target=watch, name="llmos-silence", daemon=True).start()
+        """Reap attached programs silent for longer than timeout (not even a heartbeat)."""
+        def check():
+            now = time.monotonic()
+            for conn in server.connections():
+                if conn.pid is not None and now - conn.last_seen < timeout:
+                    self.procs.heartbeat(conn.pid)
+            for proc in self.procs.reap_silent(timeout):
+                log.info("pid %d: silent for %.0fs, reaped", proc.pid, timeout)
+        self.timers.every(timeout / 3, check)
 
-    # ---- LLM work -------------------------------------------------------------------
-    def generate(self, call, pid: int, args: dict) -> None:
-        """Queue a generate for process pid; the engine answers `call` (events, then reply)."""
-        args = {k: v for k, v in args.items() if v is not None}    # unset: engine defaults
-        source = {k: args[k] for k in ("prompt", "messages", "token_ids") if k in args}
-        if "token_ids" in source:
-            source["prompt"] = source.pop("token_ids")
-        sampling = {k: args[k] for k in SAMPLING if k in args}
-        stream, context = args.get("stream", False), args.get("context")
-        if context is not None:
-            self._check_owns(pid, context)
+    def ps(self) -> list[ProcInfo]:
+        """The process table, with the engine's latest view of who runs."""
+        snap, now = self.loop.snapshot, time.monotonic()
+        with self.procs.lock:
+            return [ProcInfo(pid=p.pid, ppid=p.ppid, name=p.name, state=self._state(p, snap),
+                             nice=p.nice, kv_blocks=snap.blocks.get(p.pid, 0),
+                             calls=len(p.requests), contexts=len(p.contexts),
+                             tokens_in=p.tokens_in, tokens_out=p.tokens_out,
+                             cpu_percent=p.cpu_percent, rss=p.rss, age=now - p.started_mono,
+                             os_pid=p.os_pid, exit_status=p.exit_status)
+                    for p in self.procs.procs()]
 
-        def on_event(delta):             # engine thread: hand over, never block
-            if stream and not delta.finished and (delta.text or delta.token_ids):
-                call.event({"text": delta.text, "token_ids": delta.token_ids})
-            if delta.finished:
-                self._finished(pid, call.id, delta)
-                c = delta.completion
-                if stream and (delta.text or delta.token_ids):
-                    call.event({"text": delta.text, "token_ids": delta.token_ids})
-                if c.error:
-                    call.error("ENOMEM", c.error)
-                else:
-                    call.reply(completion_result(c))
+    @staticmethod
+    def _state(p, snap) -> ProcState:
+        if p.state is not ProcState.SLEEPING:
+            return p.state
+        if p.pid in snap.running:
+            return ProcState.RUNNING
+        return ProcState.READY if p.requests else ProcState.SLEEPING
 
-        salt = self._salt(pid)
+    # ---- LLM calls ------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        """model= names the loaded model (or is absent). Raises ENOENT naming the loaded ones."""
+        if name is not None and name != self.model_name:
+            raise SyscallError(ENOENT, f"model: no model {name!r} is loaded "
+                                       f"(loaded: {self.model_name})")
 
-        def submit(engine):
+    def generate(self, call, caller: int, a: dict) -> None:
+        """Accept a generate: record it as caller's, tokenize, queue it for the engine."""
+        self.check_model(a["model"])
+        sampling = {k: a[k] for k in SAMPLING if a[k] is not None}
+        key, rid, ctx = (call.conn.peer, call.id), next(self._ids), a["context"]
+        with self.procs.lock:
+            proc = self.procs.live(caller)
+            if ctx is not None and ctx not in proc.contexts:
+                raise SyscallError(ESRCH, f"context: no context {ctx} of process {caller}")
+            proc.requests[key] = rid
+
+        def queue(tokens: list, chat: bool) -> None:
+            with self.procs.lock:
+                if proc.requests.get(key) != rid:         # cancelled, killed or dead meanwhile
+                    call.reply(Completion(finish_reason="abort"))
+                    return
+                self.loop.put(cmd.Add(rid, proc, call, key, tokens, chat, sampling, ctx,
+                                      a["stream"], proc.state is ProcState.STOPPED,
+                                      self._salt(proc)))
+
+        def undo(err: SyscallError) -> None:
+            with self.procs.lock:
+                if proc.requests.get(key) == rid:
+                    del proc.requests[key]
+            call.error(err.code, err.msg)
+
+        if a["token_ids"] is not None:
+            queue(a["token_ids"], False)
+        else:
+            self._encode(a["prompt"], a["messages"], True,
+                         then=lambda tokens: queue(tokens, a["messages"] is not None), fail=undo)
+
+    def cancel(self, call, caller: int, call_id: int) -> None:
+        """Cancel this connection's generate call_id; its own call answers with "abort".
+        Raises ESRCH if it is not in flight."""
+        with self.procs.lock:
+            proc = self.procs.get(caller)
+            rid = proc.requests.pop((call.conn.peer, call_id), None)
+            if rid is None:
+                raise SyscallError(ESRCH, f"call: no generate {call_id} in flight")
+            self.loop.put(cmd.Abort(rid))
+
+    def _salt(self, proc) -> bytes:
+        """Prefix-cache salt: processes of one owner (uid) share cached prefixes, owners don't."""
+        return b"uid:%d" % proc.owner
+
+    def _encode(self, prompt, messages, reply: bool, then, fail) -> None:
+        """Token ids of a prompt or chat messages, then(tokens); fail(SyscallError). Short
+        texts are encoded here; long ones on a tokenizer worker (never the I/O thread)."""
+        size = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages)
+        cap = self.engine.max_model_len * tunables.CHARS_PER_TOKEN
+        if size > cap:
+            return fail(SyscallError(E2BIG, f"prompt: {size} characters; this model's context "
+                                            f"of {self.engine.max_model_len} tokens takes at "
+                                            f"most {cap}"))
+
+        def work():
             try:
-                stopped = self.procs.get(pid).state is State.STOPPED
-            except ProcError:               # the caller died meanwhile: nothing to run
-                call.error("ESRCH", f"process {pid} has exited")
-                return
-            try:
-                req = engine.add_request(**source, context=context, on_event=on_event,
-                                         stream=stream, salt=salt, **sampling)
-            except EngineError as e:
-                call.error(e.code, str(e))
-                return
-            with self._lock:
-                self._requests.setdefault(pid, {})[call.id] = req.id
-            if stopped:
-                engine.set_stopped(req.id, True)
-        self._submit(call, submit)
+                tokens = self.engine.encode(prompt, messages, reply=reply)
+            except SyscallError as e:
+                return fail(e)
+            then(tokens)
+        if size <= tunables.INLINE_TEXT:
+            work()
+        else:
+            self.tokenizers.submit(work)
 
-    def _finished(self, pid: int, call_id: int, delta) -> None:
-        usage = delta.completion.usage
-        with self._lock:
-            self._requests.get(pid, {}).pop(call_id, None)
-        try:
-            proc = self.procs.get(pid)
-        except ProcError:           # gone already: nobody to account to
-            return
-        proc.tokens_in += usage.computed_prompt_tokens
-        proc.tokens_out += usage.completion_tokens
+    def tokenize(self, call, text: str) -> None:
+        self._encode(text, None, True, then=lambda ids: call.reply({"token_ids": ids}),
+                     fail=lambda e: call.error(e.code, e.msg))
 
-    def cancel(self, pid: int, call_id: int) -> None:
-        with self._lock:
-            rid = self._requests.get(pid, {}).get(call_id)
-        if rid is None:
-            raise SyscallError("ESRCH", f"call: no generate {call_id} in flight")
-        self.loop.submit(lambda e: e.abort(rid))
+    def detokenize(self, call, token_ids: list) -> None:
+        vocab = self.engine.config.vocab_size
+        if token_ids and max(token_ids) >= vocab:
+            raise SyscallError(EINVAL, f"token_ids: ids must be below the vocabulary size {vocab}")
+
+        def work():
+            call.reply({"text": self.engine.tokenizer.decode(token_ids)})
+        if len(token_ids) <= tunables.INLINE_TEXT:
+            work()
+        else:
+            self.tokenizers.submit(work)
 
     # ---- contexts -------------------------------------------------------------------
-    def context_create(self, call, pid: int, system=None, messages=None) -> None:
+    def context_create(self, call, caller: int, system=None, messages=None) -> None:
         if system is not None:
             messages = [{"role": "system", "content": system}]
-        salt = self._salt(pid)
-        self._answer(call, lambda e: self._adopt(
-            pid, e.context_create(messages=messages, salt=salt) if messages
-            else e.context_create(salt=salt)))
+        cid = next(self._ids)
+        with self.procs.lock:
+            proc = self.procs.live(caller)
+            proc.contexts.add(cid)
 
-    def context_fork(self, call, pid: int, context: int) -> None:
-        self._check_owns(pid, context)
-        self._answer(call, lambda e: self._adopt(pid, e.context_fork(context)))
+        def queue(tokens: list) -> None:
+            with self.procs.lock:
+                if cid in proc.contexts:
+                    self.loop.put(cmd.CreateContext(cid, proc, call, tokens, self._salt(proc)))
+                else:
+                    call.error(ESRCH, f"process {caller} has exited")
 
-    def _salt(self, pid: int) -> bytes:
-        """Prefix-cache salt: processes of one owner (uid) share cached prefixes, owners don't."""
-        try:
-            return b"uid:%d" % self.procs.get(pid).owner
-        except ProcError as e:
-            raise SyscallError(e.code, e.msg) from None
+        def undo(err: SyscallError) -> None:
+            with self.procs.lock:
+                proc.contexts.discard(cid)
+            call.error(err.code, err.msg)
 
-    def _adopt(self, pid: int, context: int) -> dict:
-        """Engine thread: record that pid holds a new context; its syscall result."""
-        with self._lock:
-            self._contexts.setdefault(pid, set()).add(context)
-        return {"context": context}
+        if messages is None:
+            queue([])
+        else:
+            self._encode(None, messages, False, then=queue, fail=undo)
 
-    def context_free(self, call, pid: int, context: int) -> None:
-        self._check_owns(pid, context)
-        with self._lock:
-            self._contexts[pid].discard(context)
-        self._answer(call, lambda e: e.context_free(context) or {})
+    def context_fork(self, call, caller: int, source: int) -> None:
+        cid = next(self._ids)
+        with self.procs.lock:
+            proc = self._owner_of(caller, source)
+            proc.contexts.add(cid)
+            self.loop.put(cmd.ForkContext(source, cid, proc, call))
 
-    def context_info(self, call, pid: int, context: int) -> None:
-        self._check_owns(pid, context)
-        self._answer(call, lambda e: e.context_info(context))
+    def context_free(self, call, caller: int, context: int) -> None:
+        with self.procs.lock:
+            self._owner_of(caller, context).contexts.discard(context)
+            self.loop.put(cmd.FreeContext(context, call))
 
-    def _check_owns(self, pid: int, context: int) -> None:
-        with self._lock:
-            if context not in self._contexts.get(pid, ()):
-                raise SyscallError("ESRCH", f"context: no context {context} of process {pid}")
+    def context_info(self, call, caller: int, context: int) -> None:
+        with self.procs.lock:
+            self._owner_of(caller, context)
+            self.loop.put(cmd.DescribeContext(context, call))
 
-    # ---- information ----------------------------------------------------------------
-    def meminfo(self, call) -> None:
-        def info(engine):
-            usage = engine.blocks.usage()
-            swap = engine.swapper.host if engine.swapper else None
-            with self._lock:
-                owned = {pid: (list(r.values()), list(c)) for pid, (r, c) in
-                         ((p, (self._requests.get(p, {}), self._contexts.get(p, set())))
-                          for p in set(self._requests) | set(self._contexts))}
-            procs = {str(pid): _blocks_of(engine, rids, cids) for pid, (rids, cids) in owned.items()}
-            return {"kv": {**usage, "block_size": engine.block_size,
-                           "swap_total": swap.num_blocks if swap else 0,
-                           "swap_free": swap.num_free_blocks if swap else 0},
-                    "procs": procs}
-        self._answer(call, info)
-
-    def ps(self, call) -> None:
-        def rows(engine):
-            kv = {}
-            with self._lock:
-                for pid in set(self._requests) | set(self._contexts):
-                    kv[pid] = _blocks_of(engine, self._requests.get(pid, {}).values(),
-                                         self._contexts.get(pid, set()))
-            out = self.procs.ps()
-            for r in out:
-                r["kv_blocks"] = kv.get(r["pid"], 0)
-                r["state"] = r["state"].name if hasattr(r["state"], "name") else r["state"]
-            return {"procs": out}
-        self._answer(call, rows)
-
-    # ---- plumbing -------------------------------------------------------------------
-    def _submit(self, call, fn) -> None:
-        """Run fn(engine) on the engine thread; an unexpected failure fails the call."""
-        future = self.loop.submit(fn)
-        future.add_done_callback(lambda f: f.exception() and _fail(call, f.exception()))
-
-    def _answer(self, call, fn) -> None:
-        """Run fn(engine) on the engine thread and reply with its result."""
-        future = self.loop.submit(fn)
-        future.add_done_callback(lambda f: _fail(call, f.exception()) if f.exception()
-                                 else call.reply(f.result()))
+    def _owner_of(self, caller: int, context: int):
+        proc = self.procs.live(caller)
+        if context not in proc.contexts:
+            raise SyscallError(ESRCH, f"context: no context {context} of process {caller}")
+        return proc
 
     def _engine_crashed(self, exc: BaseException) -> None:
         log.error("engine crashed: %r; the kernel exits", exc)
         self.dead.set()
-
-
-def completion_result(c) -> dict:
-    u = c.usage
-    return {"token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason,
-            "usage": {"prompt_tokens": u.prompt_tokens, "cached_tokens": u.cached_tokens,
-                      "completion_tokens": u.completion_tokens}}
-
-
-def _blocks_of(engine, request_ids, context_ids) -> int:
-    tables = [engine.requests[r].seq.table for r in request_ids if r in engine.requests]
-    tables += [engine.contexts[c].seq.table for c in context_ids if c in engine.contexts]
-    return len({b for t in tables for b in t.blocks})
-
-
-def _fail(call, exc: BaseException) -> None:
-    if isinstance(exc, (EngineError, SyscallError)):
-        call.error(exc.code, getattr(exc, "msg", None) or str(exc))
-    elif isinstance(exc, ProcError):
-        call.error(exc.code, exc.msg)
-    else:
-        log.error("call %s failed: %r", call.id, exc)
-        call.error("EIO", f"internal error: {exc}")

@@ -1,29 +1,33 @@
 """The process table: one row per agent process, spawned by us or attached to us.
 
-No sockets and no engine: the kernel calls in, and is called back through three hooks,
-each run outside the table lock, so a hook may call back into the table:
+A row records who a process is (identity), its life (state, parent, exit status), and
+what it owns: its LLM calls in flight and its contexts, by id. The engine owns the KV
+blocks behind those ids. No sockets and no engine here: the kernel is told through two
+hooks, both called *under the table lock*, so that whatever they queue for the engine is
+ordered with the kernel's own queueing of new work (also done under this lock):
 
-    on_exit(proc)         a process died (OS exit, signal, silence, detach); proc is a
-                          ZOMBIE with exit_status set. Cancel its requests, free its KV
-                          and contexts. wait() returns only after this hook has returned.
-    on_signal(proc, sig)  a signal was delivered: TERM/KILL/INT mean cancel its LLM
-                          work; STOP/CONT mean pause/resume it in the scheduler.
+    on_exit(proc, request_ids, context_ids)   proc died; release what it held, then call
+                                              released(proc) (from any thread)
+    on_signal(proc, sig, request_ids)         TERM/KILL/INT: cancel its LLM work;
+                                              STOP/CONT: pause/resume it in the scheduler
 
-Threads. Every public method may be called from any thread; a single lock guards the
-table and a Condition on it wakes waiters. Death of a spawned child is seen at once by
-the reaper thread, blocked on the children's pidfds (Linux >= 5.3), or, where pidfds are
-missing, by one thread per child blocked in waitid(WNOWAIT). on_exit runs on the reaper
-thread for OS deaths, on the caller's thread for reap_silent() and detach().
+A dead process is a ZOMBIE that is not yet waitable until released() says its resources
+are free; then its waiters get its status. The parent collects (frees) it; the owner
+may wait for any process and gets its status too, but collects only orphans (ppid 0),
+since the parent still gets it first when it waits.
 
-Pids are small integers from 1, the lowest free one; a pid is reused only after free().
-A freed Proc object is reset (pid 0, state UNUSED) and never reused, so a holder of a
-stale reference sees it was freed. Pid 0 stands for the kernel (the owner): orphans are
-re-parented to it, and a zombie whose parent is 0 is freed at once, as init would.
+Pids count up from `first_pid` and are not reused until PID_MAX wraps (as Linux does),
+so a pid names one process for a long time and its log file is never overwritten.
+Pid 0 stands for the kernel (the owner): orphans are re-parented to it. A spawned
+orphan is kept as a zombie for the owner to collect, at most MAX_ORPHANS of them (oldest
+freed first); an attached one (a CLI call, a closed SDK connection) is freed at once.
+
+Threads: every public method may be called from any thread; `lock` guards every row.
+Death of a spawned child is seen at once by the reaper thread (pidfds).
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
+import collections
 import errno
 import logging
 import os
@@ -36,95 +40,71 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import psutil
+from llmos.syscalls.errors import (EAGAIN, ECHILD, EINVAL, EPERM, ESRCH, SyscallError)
+from llmos.syscalls.types import ProcState
 
 from .reaper import Reaper
 
-MAX_PROCS = 4096               # rows in the table; spawn/attach past this is EAGAIN
+PID_MAX = 1 << 22              # pids wrap here (Linux's pid_max on 64-bit)
+MAX_PROCS = 4096               # rows in the table, zombies included; then EAGAIN
+MAX_ORPHANS = 256              # uncollected zombies of the kernel kept for the owner's wait
 KILL_REAP_WAIT = 5.0           # seconds shutdown() waits for the reaper after SIGKILL
 NOSIG = 0                      # kill(pid, 0): check existence and permission only
 
 log = logging.getLogger("llmos.proc")
 
 
-class State(enum.Enum):
-    UNUSED = "unused"          # a freed slot: only a stale reference ever sees it
-    READY = "ready"            # has queued LLM work
-    RUNNING = "running"        # has tokens in the current batch
-    SLEEPING = "sleeping"      # no LLM work pending: running its own code or blocked
-    STOPPED = "stopped"        # SIGSTOP: its requests are not scheduled
-    ZOMBIE = "zombie"          # exited, exit status not yet collected
-
-
-class ProcError(Exception):
-    """A caller's mistake, with the syscall error code ("ESRCH", "EPERM", ...)."""
-
-    def __init__(self, code: str, msg: str):
-        super().__init__(f"{code}: {msg}")
-        self.code = code
-        self.msg = msg
-
-
-@dataclass
-class Limits:
-    """Per-process caps the memory managers and the scheduler enforce (None: no cap)."""
-    max_kv_blocks: int | None = None
-    max_contexts: int | None = None
-    max_queued: int | None = None
-
-
 @dataclass(eq=False)
 class Proc:
-    # Identity: set by alloc(), constant until free().
-    pid: int = 0
-    name: str = ""
-    argv: list = field(default_factory=list)
-    owner: int = -1                    # uid of the user it runs for
-    token: str = ""                    # its secret: LLMOS_TOKEN for spawned processes
-    os_pid: int | None = None          # the real OS pid (None: attached, unknown)
-    attached: bool = False             # True: not our child; we cannot waitpid() it
-    started_at: float = 0.0            # time.time() at alloc
-    limits: Limits = field(default_factory=Limits)
+    # Identity: set by alloc(), constant for the row's life.
+    pid: int
+    name: str
+    argv: list
+    owner: int                         # uid of the user it runs for
+    token: str                         # its secret: LLMOS_TOKEN of a spawned process
+    attached: bool                     # True: not our child (we cannot waitpid it)
+    started_at: float                  # time.time() at alloc
+    started_mono: float                # time.monotonic() at alloc
 
-    # Guarded by ProcTable._lock.
+    # Guarded by ProcTable.lock.
     ppid: int = 0                      # 0: the kernel itself
-    state: State = State.UNUSED
+    state: ProcState = ProcState.SLEEPING   # SLEEPING, STOPPED or ZOMBIE; RUNNING/READY
+                                            # are the engine's to say (kernel/snapshot.py)
     nice: int = 0
+    os_pid: int | None = None          # the real OS pid (None: attached, unknown)
     exit_status: int | None = None     # -N for signal N; None while alive or if unknown
-    last_seen: float = 0.0             # time.monotonic() of the last heartbeat
+    last_seen: float = 0.0             # time.monotonic() of the last sign of life
+    releasing: bool = False            # dead, its resources not yet released
+    requests: dict = field(default_factory=dict)   # (peer, call id) -> request id
+    contexts: set = field(default_factory=set)     # context ids
 
-    # Accounting: written by the engine thread only; read without the lock (stale is fine).
+    # Accounting, read without the lock (a stale int is fine). Tokens: the engine thread
+    # only; cpu_percent and rss: the sampler thread only.
     tokens_in: int = 0
     tokens_out: int = 0
-    kv_blocks: int = 0
-    wait_time: float = 0.0             # seconds with queued LLM work and none running
-    run_time: float = 0.0              # seconds with tokens in a batch
+    cpu_percent: float = 0.0
+    rss: int | None = None
 
-    # Owned by the kernel (its I/O thread and engine agree on their own locking); the
-    # table only empties them in free(). Ids only.
-    contexts: set = field(default_factory=set)
-    requests: set = field(default_factory=set)
-
-    # Private to the table, guarded by ProcTable._lock.
+    # Private to the table, guarded by its lock.
     _popen: subprocess.Popen | None = field(default=None, repr=False)
-    _ps: psutil.Process | None = field(default=None, repr=False)  # cached: cpu_percent
-    _started_mono: float = field(default=0.0, repr=False)
-    _exiting: bool = field(default=False, repr=False)   # death seen, on_exit not yet done
+    _waiters: list = field(default_factory=list, repr=False)
 
     @property
     def alive(self) -> bool:
-        """Not dead, not dying, not freed."""
-        return self.state not in (State.ZOMBIE, State.UNUSED) and not self._exiting
+        return self.state is not ProcState.ZOMBIE
+
+    @property
+    def waitable(self) -> bool:
+        return self.state is ProcState.ZOMBIE and not self.releasing
 
 
-_FRESH = Proc()        # the reset values free() copies from
-
-
-def _reset(p: Proc) -> None:
-    for f in dataclasses.fields(Proc):
-        v = getattr(_FRESH, f.name)
-        setattr(p, f.name, type(v)() if isinstance(v, (list, set)) else
-                Limits() if isinstance(v, Limits) else v)
+@dataclass(eq=False)
+class Waiter:
+    """One wait call on a process: `reply(status)` once, or dropped by cancel_wait."""
+    caller: int
+    owner: bool
+    reply: Callable[[int | None], None]
+    fail: Callable[[SyscallError], None]
 
 
 _ALLOWED = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP,
@@ -134,7 +114,7 @@ _ALLOWED = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP,
 def parse_signal(sig: int | str) -> int:
     """A signal number from 15, "TERM", "SIGTERM" or "sigterm"; 0 is kill's probe.
 
-    Raises ProcError("EINVAL") for anything not in TERM KILL INT HUP USR1 USR2 STOP CONT.
+    Raises SyscallError EINVAL for anything not in TERM KILL INT HUP USR1 USR2 STOP CONT.
     """
     try:
         if isinstance(sig, str) and not sig.lstrip("-").isdigit():
@@ -143,150 +123,156 @@ def parse_signal(sig: int | str) -> int:
         else:
             num = int(sig)
     except (KeyError, ValueError, TypeError):
-        raise ProcError("EINVAL", f"signal: unknown signal {sig!r}") from None
+        raise SyscallError(EINVAL, f"signal: unknown signal {sig!r}") from None
     if num != NOSIG and num not in _ALLOWED:
-        raise ProcError("EINVAL", f"signal: {sig!r} is not one of "
-                        f"{' '.join(sorted(s.name[3:] for s in _ALLOWED))}")
+        raise SyscallError(EINVAL, f"signal: {sig!r} is not one of "
+                           f"{' '.join(sorted(s.name[3:] for s in _ALLOWED))}")
     return int(num)
 
 
+def signal_name(num: int) -> str:
+    return signal.Signals(num).name[3:] if num else "0"
+
+
 class ProcTable:
-    def __init__(self, on_exit: Callable[[Proc], None] | None = None,
-                 on_signal: Callable[[Proc, int], None] | None = None):
-        self.on_exit = on_exit or (lambda proc: None)
-        self.on_signal = on_signal or (lambda proc, sig: None)
-        self._lock = threading.RLock()                      # reentrant: free() under it
-        self._changed = threading.Condition(self._lock)   # a proc became a reapable zombie
-        self._procs: dict[int, Proc] = {}                   # guarded by _lock
-        self._by_token: dict[str, Proc] = {}                # guarded by _lock
-        self._closed = False                                # guarded by _lock
+    def __init__(self, on_exit: Callable | None = None, on_signal: Callable | None = None,
+                 first_pid: int = 1):
+        self.on_exit = on_exit or (lambda proc, rids, cids: self.released(proc))
+        self.on_signal = on_signal or (lambda proc, sig, rids: None)
+        self.lock = threading.RLock()                  # reentrant: hooks may call back in
+        self._changed = threading.Condition(self.lock)  # a process became waitable
+        self._procs: dict[int, Proc] = {}
+        self._by_token: dict[str, Proc] = {}
+        self._orphans: collections.deque[int] = collections.deque()  # uncollected, ppid 0
+        self._next_pid = max(1, min(first_pid, PID_MAX - 1))
+        self._closed = False
         self._reaper = Reaper(self._died)
 
     # ---- the two functions that create and free a slot -----------------------------
 
-    def alloc(self, name: str, argv: list, *, parent: int | None = None, nice: int = 0,
-              owner: int | None = None, os_pid: int | None = None, attached: bool = False,
-              limits: Limits | None = None) -> Proc:
-        """Create a row (state SLEEPING) with the lowest free pid and a fresh token.
+    def alloc(self, name: str, argv: list, *, parent: int = 0, nice: int = 0,
+              owner: int | None = None, attached: bool = False) -> Proc:
+        """Create a row (SLEEPING) with the next unused pid and a fresh token.
 
         Raises ESRCH if parent is not a live process, EAGAIN if the table is full.
         """
-        with self._lock:
+        with self.lock:
             if self._closed:
-                raise ProcError("EAGAIN", "the process table is shut down")
-            ppid = parent or 0
-            if ppid and not (ppid in self._procs and self._procs[ppid].alive):
-                raise ProcError("ESRCH", f"parent: no live process {ppid}")
-            pid = next((i for i in range(1, MAX_PROCS + 1) if i not in self._procs), None)
-            if pid is None:
-                raise ProcError("EAGAIN", f"process table full ({MAX_PROCS} processes)")
+                raise SyscallError(EAGAIN, "the process table is shut down")
+            if parent and not (parent in self._procs and self._procs[parent].alive):
+                raise SyscallError(ESRCH, f"parent: no live process {parent}")
+            if len(self._procs) >= MAX_PROCS:
+                raise SyscallError(EAGAIN, f"process table full ({MAX_PROCS} processes)")
+            pid = self._take_pid()
             now = time.monotonic()
             p = Proc(pid=pid, name=name, argv=list(argv),
                      owner=os.getuid() if owner is None else owner,
-                     token=secrets.token_hex(32), os_pid=os_pid, attached=attached,
-                     started_at=time.time(), limits=limits or Limits(), ppid=ppid,
-                     state=State.SLEEPING, nice=nice, last_seen=now, _started_mono=now)
+                     token=secrets.token_hex(32), attached=attached, started_at=time.time(),
+                     started_mono=now, ppid=parent, nice=nice, last_seen=now)
             self._procs[pid] = p
             self._by_token[p.token] = p
             return p
 
+    def _take_pid(self) -> int:
+        while self._next_pid in self._procs:
+            self._next_pid = self._next_pid % (PID_MAX - 1) + 1
+        pid = self._next_pid
+        self._next_pid = pid % (PID_MAX - 1) + 1
+        return pid
+
     def free(self, pid: int) -> None:
-        """Remove a row and reset every field of its Proc. Only a zombie, or a row whose
-        spawn failed, may be freed: anything else is a broken invariant (assert)."""
-        with self._lock:
+        """Remove a row: only a waitable zombie, or a row whose spawn failed (broken
+        invariant otherwise: assert)."""
+        with self.lock:
             p = self._procs.pop(pid)
-            assert (p.state is State.ZOMBIE and not p._exiting) or p._popen is None, p
+            assert p.waitable or (p._popen is None and not p.attached and p.alive), p
             self._by_token.pop(p.token, None)
+            if pid in self._orphans:         # at most MAX_ORPHANS: a short scan
+                self._orphans.remove(pid)
             if p._popen is not None:
                 p._popen.wait()      # dead and reaped already: this only closes it
-            _reset(p)
 
     # ---- birth -----------------------------------------------------------------
 
-    def spawn(self, argv: list, *, name: str | None = None, nice: int = 0,
-              parent: int | None = None, env_extra: dict | None = None,
-              socket_path: str | os.PathLike = "", log_dir: str | os.PathLike = ".",
-              owner: int | None = None, limits: Limits | None = None) -> Proc:
+    def spawn(self, argv: list, *, name: str | None = None, nice: int = 0, parent: int = 0,
+              env_extra: dict | None = None, socket_path: str = "",
+              log_dir: str | os.PathLike = ".", owner: int | None = None) -> Proc:
         """Start argv as a real OS process in its own process group; return its row.
 
         Its environment is ours plus env_extra plus LLMOS_SOCKET, LLMOS_TOKEN (its own
         secret) and LLMOS_PID; stdin is /dev/null; stdout and stderr go to
-        log_dir/<pid>.log (truncated). Raises ESRCH (parent), EAGAIN (table full), or
-        the errno name of a failed exec (ENOENT, EACCES, ...).
+        log_dir/<pid>.log, a new file (an older one of that pid is moved to <pid>.log.old).
+        Raises ESRCH (parent), EAGAIN (table full), EINVAL (argv or env the OS cannot
+        take), or the errno name of a failed exec (ENOENT, EACCES, ...).
         """
-        if not argv:
-            raise ProcError("EINVAL", "argv: empty")
         argv = [str(a) for a in argv]
-        p = self.alloc(name or Path(argv[0]).name, argv, parent=parent, nice=nice,
-                       owner=owner, limits=limits)
+        if not argv:
+            raise SyscallError(EINVAL, "argv: empty")
+        p = self.alloc(name or Path(argv[0]).name, argv, parent=parent, nice=nice, owner=owner)
         env = {**os.environ, **(env_extra or {}), "LLMOS_SOCKET": str(socket_path),
                "LLMOS_TOKEN": p.token, "LLMOS_PID": str(p.pid)}
+        log_path = Path(log_dir) / f"{p.pid}.log"
         try:
-            log = os.open(Path(log_dir) / f"{p.pid}.log",
-                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = _new_log(log_path)
             try:
-                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd,
                                          stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True, close_fds=True)
+            except BaseException:
+                os.unlink(log_path)          # ours, new and empty: no clutter from a failure
+                raise
             finally:
-                os.close(log)
-        except OSError as e:
-            with self._lock:
-                self.free(p.pid)
-            code = errno.errorcode.get(e.errno, "EINVAL")
-            raise ProcError(code, f"spawn {argv[0]}: {e.strerror or e}") from None
-        with self._lock:
+                os.close(fd)
+        except (OSError, ValueError) as e:   # ValueError: NUL in argv or env, '=' in a key
+            self.free(p.pid)
+            code = errno.errorcode.get(getattr(e, "errno", None) or 0, EINVAL)
+            raise SyscallError(code, f"spawn {argv[0]}: {getattr(e, 'strerror', None) or e}") from None
+        with self.lock:
             p._popen, p.os_pid = popen, popen.pid
+        log.info("pid %d (%s): spawned by pid %d as os pid %d: %s", p.pid, p.name, parent,
+                 popen.pid, " ".join(argv)[:200])
         self._reaper.watch(p, child=True)
         return p
 
-    def attach(self, os_pid: int | None, name: str, *, parent: int | None = None,
-               argv: list | None = None, owner: int | None = None) -> Proc:
-        """A row for a program we did not start (the shell, a notebook).
-
-        If os_pid is known we watch it with a pidfd where we can, so its death is seen at
-        once; otherwise only heartbeats (reap_silent) and detach() end it. Its exit status
-        is unknown: None. Raises ESRCH if os_pid names no process.
-        """
-        if os_pid is not None and not psutil.pid_exists(os_pid):
-            raise ProcError("ESRCH", f"os_pid: no process {os_pid}")
-        p = self.alloc(name, argv or [name], parent=parent, owner=owner, os_pid=os_pid,
-                       attached=True)
-        if os_pid is not None:
-            self._reaper.watch(p, child=False)
+    def attach(self, name: str, *, parent: int = 0, owner: int | None = None) -> Proc:
+        """A row for a program we did not start (the shell, a notebook). Only heartbeats
+        (reap_silent) and detach() end it; its exit status is what it says at exit."""
+        p = self.alloc(name, [name], parent=parent, owner=owner, attached=True)
+        log.info("pid %d (%s): attached", p.pid, name)
         return p
 
     # ---- lookups -----------------------------------------------------------------
 
     def get(self, pid: int) -> Proc:
         """The row of pid (zombies included). Raises ESRCH."""
-        with self._lock:
-            return self._get(pid)
+        with self.lock:
+            p = self._procs.get(pid)
+            if p is None:
+                raise SyscallError(ESRCH, f"no process {pid}")
+            return p
 
-    def _get(self, pid: int) -> Proc:
-        p = self._procs.get(pid)
-        if p is None:
-            raise ProcError("ESRCH", f"no process {pid}")
+    def live(self, pid: int) -> Proc:
+        """The row of pid if it is alive. Raises ESRCH (none, or exited)."""
+        p = self.get(pid)
+        if not p.alive:
+            raise SyscallError(ESRCH, f"process {pid} has exited")
         return p
 
     def by_token(self, token: str) -> Proc | None:
         """The live process whose secret is token, else None (zombies never authenticate)."""
-        with self._lock:
+        with self.lock:
             p = self._by_token.get(token)
             return p if p is not None and p.alive else None
 
     def procs(self) -> list[Proc]:
-        with self._lock:
-            return list(self._procs.values())
+        """Every row, by pid."""
+        with self.lock:
+            return sorted(self._procs.values(), key=lambda p: p.pid)
 
-    def children(self, pid: int) -> list[Proc]:
-        with self._lock:
-            return [p for p in self._procs.values() if p.ppid == pid]
-
-    def is_descendant(self, pid: int, of: int) -> bool:
-        """True if pid is a child, grandchild, ... of `of` (not `of` itself)."""
-        with self._lock:
-            return self._is_descendant(pid, of)
+    def may_act(self, caller: int, pid: int, owner: bool) -> bool:
+        """A process may act on itself and its descendants; the owner on everyone."""
+        with self.lock:
+            return owner or caller == pid or self._is_descendant(pid, caller)
 
     def _is_descendant(self, pid: int, of: int) -> bool:
         seen = set()
@@ -298,196 +284,219 @@ class ProcTable:
             p = self._procs.get(p.ppid)
         return False
 
-    def set_state(self, pid: int, state: State) -> bool:
-        """The scheduler's READY / RUNNING / SLEEPING; False (unchanged) if the process is
-        stopped, dying or gone. STOPPED and ZOMBIE belong to kill() and death only."""
-        assert state in (State.READY, State.RUNNING, State.SLEEPING), state
-        with self._lock:
-            p = self._procs.get(pid)
-            if p is None or not p.alive or p.state is State.STOPPED:
-                return False
-            p.state = state
-            return True
+    def set_nice(self, pid: int, value: int, caller: int, owner: bool) -> None:
+        """Raises ESRCH, EPERM (not caller's process)."""
+        with self.lock:
+            p = self.live(pid)
+            if not self.may_act(caller, pid, owner):
+                raise SyscallError(EPERM, f"nice: process {pid} is not yours")
+            p.nice = value
 
     # ---- liveness of attached processes ------------------------------------------------
 
     def heartbeat(self, pid: int) -> None:
-        """pid showed it is alive (any syscall counts). Raises ESRCH."""
-        with self._lock:
-            self._get(pid).last_seen = time.monotonic()
+        """pid showed it is alive (any message on its connection counts)."""
+        with self.lock:
+            p = self._procs.get(pid)
+            if p is not None:
+                p.last_seen = time.monotonic()
 
     def reap_silent(self, timeout: float) -> list[Proc]:
-        """Declare dead every attached process silent for more than timeout seconds;
-        return them (on_exit has run for each). The kernel calls this periodically."""
+        """Declare dead every attached process silent for more than timeout seconds."""
         now = time.monotonic()
-        with self._lock:
+        with self.lock:
             silent = [p for p in self._procs.values()
                       if p.attached and p.alive and now - p.last_seen > timeout]
         return [p for p in silent if self._died(p, None)]
 
     def detach(self, pid: int, status: int | None = 0) -> None:
         """An attached process said goodbye or lost its connection: it exits with status.
-        Raises ESRCH, or EINVAL for a spawned process (the OS reports its exit)."""
+        Raises ESRCH, or EPERM for a spawned process (the OS reports its exit)."""
         p = self.get(pid)
         if not p.attached:
-            raise ProcError("EINVAL", f"process {pid} was spawned: it exits by itself")
+            raise SyscallError(EPERM, f"exit: process {pid} was spawned; it exits by itself "
+                                      f"(sys.exit), the kernel sees it")
         self._died(p, status)
 
     # ---- death ----------------------------------------------------------------
 
     def _died(self, p: Proc, status: int | None) -> bool:
-        """Record p's death, run on_exit, then make it a waitable zombie (or free it).
-
-        Returns False if p was already dead or freed. For a spawned child the status
-        comes from waitpid, collected here under the lock so kill() never signals a
-        recycled OS pid.
-        """
-        with self._lock:
+        """Record p's death and hand what it held to on_exit (under the lock). False if it
+        was dead already. A spawned child's status comes from waitpid, collected here
+        under the lock, so kill() never signals a recycled OS pid."""
+        with self.lock:
             if not p.alive:
                 return False
             if p._popen is not None:
                 status = p._popen.wait()
-            p.exit_status, p.state, p._exiting = status, State.ZOMBIE, True
-        try:
-            self.on_exit(p)
-        except Exception:                 # a broken hook must not keep a zombie unwaitable
-            log.exception("on_exit(%d) failed", p.pid)
-        finally:
-            with self._lock:
-                p._exiting = False
-                for c in self._procs.values():
-                    if c.ppid == p.pid:
-                        c.ppid = 0                    # orphans go to the kernel
-                for c in [c for c in self._procs.values()
-                          if c.ppid == 0 and c.state is State.ZOMBIE and not c._exiting]:
-                    self.free(c.pid)                  # nobody can wait for them
-                self._changed.notify_all()
+            p.exit_status, p.state, p.releasing = status, ProcState.ZOMBIE, True
+            rids, cids = list(p.requests.values()), list(p.contexts)
+            p.requests.clear()
+            p.contexts.clear()
+            p.cpu_percent, p.rss = 0.0, None
+            log.info("pid %d (%s): exited with status %s", p.pid, p.name, status)
+            try:
+                self.on_exit(p, rids, cids)
+            except Exception:             # a broken hook must not keep a zombie unwaitable
+                log.exception("on_exit(%d) failed", p.pid)
+                self.released(p)
         return True
 
-    def wait(self, pid: int, caller: int, timeout: float | None) -> int | None:
-        """Block until child pid of caller is a zombie, free it, return its exit status.
+    def released(self, p: Proc) -> None:
+        """What p held is free: it becomes waitable; its children go to the kernel."""
+        with self.lock:
+            if not p.releasing or self._procs.get(p.pid) is not p:
+                return
+            p.releasing = False
+            for c in list(self._procs.values()):
+                for w in [w for w in c._waiters if w.caller == p.pid]:
+                    c._waiters.remove(w)             # a dead caller waits no more
+                    w.fail(SyscallError(ECHILD, f"process {p.pid} exited while waiting"))
+                if c.ppid == p.pid:
+                    c.ppid = 0                       # orphans go to the kernel
+                    if c.waitable:
+                        self._orphaned(c)
+            self._deliver(p)
+            self._trim_orphans()
+            self._changed.notify_all()
+
+    def _deliver(self, p: Proc) -> None:
+        """p is waitable: answer its waiters; the parent's (or, for an orphan, the
+        owner's) wait collects it."""
+        waiters, p._waiters = p._waiters, []
+        for w in waiters:
+            w.reply(p.exit_status)
+        if any(w.caller == p.ppid or p.ppid == 0 and w.owner for w in waiters):
+            self._collect(p, waiters[0].caller)
+        elif p.ppid == 0:
+            self._orphaned(p)
+
+    def _orphaned(self, p: Proc) -> None:
+        """A zombie of the kernel: a spawned one waits for the owner's wait (its status
+        and log matter); an attached one (a CLI call, a closed SDK) is freed at once."""
+        if p.attached:
+            self._collect(p, 0)
+        else:
+            self._orphans.append(p.pid)
+
+    def _collect(self, p: Proc, by: int) -> None:
+        log.info("pid %d (%s): reaped by pid %d (status %s)", p.pid, p.name, by, p.exit_status)
+        self.free(p.pid)
+
+    def _trim_orphans(self) -> None:
+        while len(self._orphans) > MAX_ORPHANS:
+            p = self._procs.get(self._orphans.popleft())
+            if p is not None and p.waitable and p.ppid == 0:
+                self._collect(p, 0)
+
+    def wait(self, pid: int, caller: int, owner: bool, reply: Callable[[int | None], None],
+             fail: Callable[[SyscallError], None]) -> Waiter | None:
+        """Collect pid's exit status: reply(status) once it is waitable (at once if it is).
 
         Status: the exit code, -N if killed by signal N, None if unknown (attached).
-        Raises ESRCH (no such pid), EPERM (not caller's child), EINVAL (pid == caller),
-        ETIMEDOUT (still running after timeout seconds; 0 polls), ECHILD (it stopped
-        being caller's child while we waited, e.g. the caller died).
+        The parent may wait for its children; the owner for any process. Returns None if
+        answered at once, else the Waiter (for cancel_wait). fail(err) if the caller dies
+        first. Raises ESRCH (no such pid), EINVAL (pid == caller), EPERM (not allowed).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            p = self._get(pid)
+        with self.lock:
+            p = self.get(pid)
             if pid == caller:
-                raise ProcError("EINVAL", "a process cannot wait for itself")
-            if caller == 0:
-                raise ProcError("ECHILD", "the kernel's children are reaped automatically")
-            if p.ppid != caller:
-                raise ProcError("EPERM", f"process {pid} is not a child of {caller}")
-            while not (p.state is State.ZOMBIE and not p._exiting):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise ProcError("ETIMEDOUT", f"process {pid} still running")
-                self._changed.wait(left)
-                if p.pid != pid or p.ppid != caller:       # freed by another waiter, or orphaned
-                    raise ProcError("ECHILD", f"process {pid} is no longer a child of {caller}")
-            status = p.exit_status
-            self.free(pid)
-            return status
+                raise SyscallError(EINVAL, "a process cannot wait for itself")
+            if p.ppid != caller and not owner:
+                raise SyscallError(EPERM, f"process {pid} is not a child of {caller}")
+            w = Waiter(caller, owner, reply, fail)
+            p._waiters.append(w)
+            if p.waitable:
+                self._deliver(p)
+                return None
+            return w
+
+    def cancel_wait(self, pid: int, w: Waiter) -> bool:
+        """Drop a waiter (its timeout passed); False if it was answered already."""
+        with self.lock:
+            p = self._procs.get(pid)
+            if p is None or w not in p._waiters:
+                return False
+            p._waiters.remove(w)
+            return True
 
     # ---- signals ------------------------------------------------------------------
 
-    def kill(self, pid: int, sig: int | str, caller: int | None, owner: bool = False) -> bool:
-        """Send sig to pid; return True if delivered, False for a zombie (a no-op, as
-        POSIX kill on a zombie succeeds without effect).
+    def kill(self, pid: int, sig: int | str, caller: int, owner: bool = False) -> bool:
+        """Send sig to pid; True if delivered, False for a zombie (a no-op, as POSIX kill
+        on a zombie succeeds without effect).
 
-        A process may signal itself and its descendants; the owner (owner=True) anyone.
-        A spawned process gets the signal on its whole process group; an attached one on
-        its own OS pid only (its group may be the user's terminal), if known. STOP and
-        CONT also set and clear state STOPPED. Raises ESRCH, EPERM, EINVAL (signal).
+        A process may signal itself and its descendants; the owner anyone. A spawned
+        process gets the signal on its whole process group; an attached one only in the
+        scheduler (its OS process is not ours). STOP and CONT also set and clear STOPPED.
+        Raises ESRCH, EPERM, EINVAL (signal).
         """
         num = parse_signal(sig)
-        with self._lock:
-            p = self._get(pid)
-            if not (owner or caller == pid or
-                    (caller is not None and self._is_descendant(pid, caller))):
-                raise ProcError("EPERM", f"process {caller} may not signal process {pid}")
+        with self.lock:
+            p = self.get(pid)
+            if not self.may_act(caller, pid, owner):
+                raise SyscallError(EPERM, f"process {caller} may not signal process {pid}")
             if not p.alive or num == NOSIG:
                 return p.alive
             self._send(p, num)
             if num == signal.SIGSTOP:
-                p.state = State.STOPPED
-            elif num == signal.SIGCONT and p.state is State.STOPPED:
-                p.state = State.READY if p.requests else State.SLEEPING
-        self.on_signal(p, num)
+                p.state = ProcState.STOPPED
+            elif num == signal.SIGCONT and p.state is ProcState.STOPPED:
+                p.state = ProcState.SLEEPING
+            log.info("pid %d (%s): SIG%s from pid %d", pid, p.name, signal_name(num), caller)
+            self.on_signal(p, num, list(p.requests.values()))
         return True
 
     def _send(self, p: Proc, num: int) -> None:
         """Deliver to the OS; caller holds the lock and knows p is alive."""
+        if p._popen is None:
+            return
         try:
-            if p._popen is not None:
-                os.killpg(p.os_pid, num)
-            elif p.os_pid is not None:
-                os.kill(p.os_pid, num)
+            os.killpg(p.os_pid, num)
         except ProcessLookupError:
             pass            # exiting right now: the reaper will report it
         except PermissionError:
-            raise ProcError("EPERM", f"the OS refused signal {num} to os pid {p.os_pid}")
+            raise SyscallError(EPERM, f"the OS refused signal {num} to os pid {p.os_pid}")
 
     def shutdown(self, grace: float = 5.0) -> None:
         """Terminate every spawned process: SIGTERM (and SIGCONT, so a stopped one can
-        act on it) to its group, up to grace seconds, then SIGKILL. Returns when all
-        are dead (on_exit has run for each), then stops the reaper. Attached processes
-        are left alone. Later spawns raise EAGAIN."""
-        with self._lock:
+        act on it) to its group, up to grace seconds, then SIGKILL. Returns when all are
+        dead and released, then stops the reaper. Later spawns raise EAGAIN."""
+        with self.lock:
             self._closed = True
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_REAP_WAIT)):
-            with self._lock:
-                for p in [p for p in self._live_children() if p.alive]:
+            with self.lock:
+                for p in self._children(alive_only=True):
                     self._send(p, sig)
                     if sig == signal.SIGTERM:
                         self._send(p, signal.SIGCONT)
-                self._changed.wait_for(lambda: not self._live_children(), wait)
+                self._changed.wait_for(lambda: not self._children(alive_only=False), wait)
         self._reaper.stop()
 
-    def _live_children(self) -> list[Proc]:
+    def _children(self, alive_only: bool) -> list[Proc]:
         return [p for p in self._procs.values()
-                if p._popen is not None and (p.alive or p._exiting)]
+                if p._popen is not None and (p.alive or not alive_only and p.releasing)]
 
-    # ---- ps ---------------------------------------------------------------------
 
-    def ps(self) -> list[dict]:
-        """One dict per row, by pid: pid ppid name state nice kv_blocks tokens_in
-        tokens_out cpu_percent rss age os_pid. cpu_percent is since the previous ps()
-        (0.0 the first time); cpu_percent 0.0 and rss None once the OS process is gone."""
-        now = time.monotonic()
-        with self._lock:
-            rows = []
-            for p in sorted(self._procs.values(), key=lambda p: p.pid):
-                if p._ps is None and p.os_pid is not None and p.alive:
-                    try:
-                        p._ps = psutil.Process(p.os_pid)
-                    except psutil.Error:
-                        pass
-                rows.append((p, p._ps if p.alive else None, dict(
-                    pid=p.pid, ppid=p.ppid, name=p.name, state=p.state.value, nice=p.nice,
-                    kv_blocks=p.kv_blocks, tokens_in=p.tokens_in, tokens_out=p.tokens_out,
-                    cpu_percent=0.0, rss=None, age=now - p._started_mono, os_pid=p.os_pid)))
-        for p, ps, row in rows:                     # psutil reads /proc: not under the lock
-            if ps is not None:
-                try:
-                    with ps.oneshot():
-                        row["cpu_percent"] = ps.cpu_percent(None)
-                        row["rss"] = ps.memory_info().rss
-                except psutil.Error:
-                    pass
-        return [row for _, _, row in rows]
+def _new_log(path: Path) -> int:
+    """Open a new log file (0600, no symlink followed); an older one is moved aside."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:                 # the pid space wrapped: keep one older log
+        os.replace(path, path.with_name(path.name + ".old"))
+        return os.open(path, flags, 0o600)
 
-    def procdump(self) -> str:
-        """The process table as text, one line per process (xv6's procdump)."""
-        lines = [f"{'PID':>5} {'PPID':>5} {'STATE':<8} {'NI':>3} {'KV':>6} {'IN':>8} "
-                 f"{'OUT':>8} {'CPU%':>5} {'RSS':>8} {'AGE':>7} {'OSPID':>7}  NAME"]
-        for r in self.ps():
-            rss = f"{r['rss'] // (1 << 20)}M" if r["rss"] is not None else "-"
-            lines.append(f"{r['pid']:>5} {r['ppid']:>5} {r['state']:<8} {r['nice']:>3} "
-                         f"{r['kv_blocks']:>6} {r['tokens_in']:>8} {r['tokens_out']:>8} "
-                         f"{r['cpu_percent']:>5.1f} {rss:>8} {r['age']:>7.1f} "
-                         f"{r['os_pid'] if r['os_pid'] is not None else '-':>7}  {r['name']}")
-        return "\n".join(lines)
+
+def first_free_pid(log_dir: Path) -> int:
+    """One past the highest pid with a log in log_dir: a new boot on the same home does
+    not reuse the pids (and so the logs) of the boots before it."""
+    top = 0
+    try:
+        for entry in os.scandir(log_dir):
+            stem = entry.name[:-len(".log")] if entry.name.endswith(".log") else ""
+            if stem.isdigit():
+                top = max(top, int(stem))
+    except FileNotFoundError:
+        pass
+    return top + 1 if top + 1 < PID_MAX else 1

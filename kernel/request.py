@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from llmos.syscalls.types import Completion, Usage
+
 from .blocks import BlockTable
 from .sampling import SamplingParams
 from .tokenizer import DetokenizeStream, Tokenizer
@@ -39,36 +41,18 @@ class Context:
     id: int
     seq: Sequence
     busy: "Request | None" = None    # at most one request runs on a context at a time
+    owner: object = None             # the caller's tag (the kernel: the owning process)
 
 
 @dataclass
-class Usage:
-    prompt_tokens: int = 0        # tokens before the first generated one (context included)
-    cached_tokens: int = 0        # of those, already in the KV cache when the request started
-    completion_tokens: int = 0
-
-    @property
-    def computed_prompt_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
-
-
-@dataclass
-class Completion:
-    request_id: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str            # "stop", "length" or "abort"
-    usage: Usage
-    error: str | None = None      # why an aborted request was refused, if it was
-
-
-@dataclass
-class Delta:
-    """One streaming event: new tokens and text; the last one carries the Completion."""
+class RequestOutput:
+    """One step's news of a request: new tokens and text; the last one carries the
+    Completion (and `error` when the request was refused rather than run)."""
     request_id: int
     token_ids: list[int]
     text: str
     completion: Completion | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -83,16 +67,17 @@ class Request:
     seq: Sequence
     params: SamplingParams
     tokenizer: Tokenizer
-    on_event: Callable[[Delta], None] | None = None
+    on_event: Callable[[RequestOutput], None] | None = None
     context: Context | None = None
     stream: bool = False          # decode text deltas as tokens come (else text at the end)
     id: int = field(default_factory=lambda: next(_ids))
+    owner: object = None          # the caller's tag (the kernel: the owning process)
 
     def __post_init__(self):
         self.output_start = len(self.seq.tokens)
         self.output_ids: list[int] = []   # this request's tokens (a context's sequence goes on)
-        self.usage = Usage(prompt_tokens=self.output_start)
-        self.started = False          # admitted once (usage.cached_tokens is then known)
+        self.cached_tokens = 0        # prompt tokens found in the cache when admitted
+        self.started = False          # admitted once (cached_tokens is then known)
         self.stopped = False          # SIGSTOP: not scheduled until resumed
         self.swapped: BlockTable | None = None   # host blocks holding its KV while preempted
         self.finish_reason: str | None = None
@@ -118,7 +103,6 @@ class Request:
         self.seq.tokens.append(token)
         self.output_ids.append(token)
         self.unsent.append(token)
-        self.usage.completion_tokens += 1
         p = self.params
         if self.detok is not None:
             before = len(self.text)
@@ -127,7 +111,7 @@ class Request:
                 return
         if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
             self.finish_reason = "stop"
-        elif self.usage.completion_tokens >= p.max_tokens:
+        elif len(self.output_ids) >= p.max_tokens:
             self.finish_reason = "length"
 
     def _find_stop(self, searched_up_to: int) -> bool:
@@ -141,20 +125,23 @@ class Request:
     def finish(self, reason: str, error: str | None = None) -> None:
         self.finish_reason, self.error = reason, error
 
-    def take_delta(self) -> Delta | None:
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.output_start, self.cached_tokens, len(self.output_ids))
+
+    def take_delta(self) -> RequestOutput | None:
         """The event to send after a step: None when there is nothing new to say."""
         if self.finished:
             if self.detok is not None and not self.stop_hit:
                 self.text += self.detok.flush()
             text = self.text if self.detok is not None else self.tokenizer.decode(self.output_ids)
-            completion = Completion(self.id, list(self.output_ids), text, self.finish_reason,
-                                    self.usage, self.error)
-            delta = Delta(self.id, self.unsent, text[self.emitted:], completion)
+            completion = Completion(text, list(self.output_ids), self.finish_reason, self.usage)
+            delta = RequestOutput(self.id, self.unsent, text[self.emitted:], completion, self.error)
         else:
             upto = max(self.emitted, len(self.text) - self.holdback)
             if not self.unsent and upto == self.emitted:
                 return None
-            delta = Delta(self.id, self.unsent, self.text[self.emitted:upto])
+            delta = RequestOutput(self.id, self.unsent, self.text[self.emitted:upto])
             self.emitted = upto
         self.unsent = []
         return delta

@@ -134,7 +134,7 @@ class Scheduler:
                 self.swapper.swap_in(req.swapped, table, self.blocks)
                 req.swapped = None
             if not req.started:
-                req.started, req.usage.cached_tokens = True, table.num_tokens
+                req.started, req.cached_tokens = True, table.num_tokens
             self.waiting.remove(req)
             self.running.append(req)
             self._append(req, n, batch)

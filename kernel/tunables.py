@@ -1,4 +1,4 @@
-"""Every engine tunable in one place, each with why it has its value."""
+"""Every kernel and engine tunable in one place, each with why it has its value."""
 
 BLOCK_SIZE = 16                  # tokens per KV block, as vLLM: small waste, long enough rows
 MAX_NUM_SEQS = 256               # sequences in one batch; above this a step's overhead dominates
@@ -9,3 +9,9 @@ SWAP_FRACTION = 0.5              # host swap pool, in blocks, as a share of the 
 POISON_ENV = "LLMOS_KV_POISON"   # "1": fill freed KV blocks with NaN to expose use-after-free
 ARRIVAL_WINDOW = 0.002           # s an idle engine waits for more requests before stepping
 FAULT_ENV = "LLMOS_FAULT"         # "engine-crash": the engine's first step raises (tests only)
+SNAPSHOT_PERIOD = 0.05           # s between snapshots (ps, meminfo) while the engine is busy
+INLINE_TEXT = 4096               # characters tokenized on the I/O thread; longer: a worker
+TOKENIZE_WORKERS = 2             # threads that tokenize long texts (off the I/O and engine threads)
+CHARS_PER_TOKEN = 32             # text longer than context length x this is E2BIG untokenized
+SAMPLE_PERIOD = 1.0              # s between psutil samples of every process's CPU and RSS
+HEARTBEAT_TIMEOUT = 30.0         # s of silence after which an attached program is taken for dead

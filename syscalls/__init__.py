@@ -1,11 +1,13 @@
-"""The syscall ABI: numbers, wire format v1, argument specs, errors, the table, server, client.
+"""The syscall ABI, the contract the kernel and every program share (xv6's syscall.h and
+user.h): numbers, argument specs, wire format v1, error codes, the result type of every
+syscall, the client connection, and where a home keeps its socket and token.
 
-The client half (numbers, errors, wire, client) imports only zmq, msgpack and the stdlib.
-The server half (args, specs, table, server) imports no torch and nothing of the kernel:
-the kernel registers its handlers in a SyscallTable.
+It imports only zmq, msgpack and the standard library: nothing of the kernel, the
+drivers or torch. The kernel's side of the table (number -> sys_* function), its server
+and the functions themselves live in kernel/.
 """
 from .errors import (CODES, E2BIG, EACCES, EAGAIN, EBUSY, ECANCELED, ECHILD, EDEAD, EINTR,
-                     EINVAL, EIO, ENOMEM, ENOSYS, EPERM, EPROTO, ESRCH, ETIMEDOUT,
+                     EINVAL, EIO, ENOENT, ENOMEM, ENOSYS, EPERM, EPROTO, ESRCH, ETIMEDOUT,
                      CallTimeout, KernelDead, SyscallError, WireError)
 from .numbers import Sys, sys_name
 from .client import Connection
@@ -13,17 +15,5 @@ from .client import Connection
 __all__ = [
     "Sys", "sys_name", "Connection", "SyscallError", "KernelDead", "CallTimeout", "WireError",
     "CODES", "E2BIG", "EACCES", "EAGAIN", "EBUSY", "ECANCELED", "ECHILD", "EDEAD", "EINTR",
-    "EINVAL", "EIO", "ENOMEM", "ENOSYS", "EPERM", "EPROTO", "ESRCH", "ETIMEDOUT",
-    # server half, imported lazily so an agent never loads it:
-    "Server", "SyscallTable", "Call", "ConnState", "PENDING", "Spec", "SPECS",
+    "EINVAL", "EIO", "ENOENT", "ENOMEM", "ENOSYS", "EPERM", "EPROTO", "ESRCH", "ETIMEDOUT",
 ]
-
-_LAZY = {"Server": "server", "SyscallTable": "table", "Call": "table", "ConnState": "table",
-         "PENDING": "table", "Spec": "args", "SPECS": "specs"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ EPROTO = "EPROTO"        # not a v1 message: undecodable, wrong version, bad hea
 EACCES = "EACCES"        # not authenticated: no successful hello yet, or a wrong token
 EPERM = "EPERM"          # authenticated, but not allowed
 ESRCH = "ESRCH"          # no such process or context
+ENOENT = "ENOENT"        # no such model (or other named thing)
 ENOMEM = "ENOMEM"        # out of KV memory (or over a per-process cap)
 EAGAIN = "EAGAIN"        # a queue is full; try again later
 ECANCELED = "ECANCELED"  # the call was cancelled (by the caller, a signal, or shutdown)
@@ -22,12 +23,17 @@ EIO = "EIO"              # the kernel failed internally; see its log
 ETIMEDOUT = "ETIMEDOUT"  # client side: the call's own deadline passed
 EDEAD = "EDEAD"          # client side: the kernel stopped answering (KernelDead)
 
-CODES = frozenset({ENOSYS, EINVAL, E2BIG, EPROTO, EACCES, EPERM, ESRCH, ENOMEM, EAGAIN,
+CODES = frozenset({ENOSYS, EINVAL, E2BIG, EPROTO, EACCES, EPERM, ESRCH, ENOENT, ENOMEM, EAGAIN,
                    ECANCELED, EBUSY, ECHILD, EINTR, EIO, ETIMEDOUT, EDEAD})
 
 
 class SyscallError(Exception):
-    """A syscall failed with `code` (one of CODES, or any code a newer kernel sends)."""
+    """A syscall failed with `code` (one of CODES, or any code a newer kernel sends).
+
+    The one base of every caller-tier error on both sides: the kernel's own errors
+    (the engine's EngineError and its kinds) subclass it, so whatever a syscall
+    function raises reaches the caller as its code and message.
+    """
 
     def __init__(self, code: str, msg: str = ""):
         super().__init__(f"{code}: {msg}" if msg else code)

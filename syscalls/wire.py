@@ -140,7 +140,7 @@ def decode_reply(frame: bytes, max_message: int = MAX_MESSAGE) -> Reply:
     raise WireError(EPROTO, "reply has neither a result nor an error")
 
 
-class Delta:
+class Coalesced:
     """Coalesces the delta payloads of one call in time linear in their total size: str and
     list values concatenate, any other value (or a change of type) takes the newest value."""
     __slots__ = ("parts",)
@@ -169,8 +169,8 @@ class Delta:
 
 
 def merge_delta(*payloads: dict) -> dict:
-    """The coalesced payload of several deltas of one call (see Delta). Returns a new dict."""
-    d = Delta()
+    """The coalesced payload of several deltas of one call (see Coalesced). Returns a new dict."""
+    d = Coalesced()
     for p in payloads:
         d.add(p)
     return d.payload()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.syscalls import EACCES, CallTimeout, Connection, KernelDead, Sys, SyscallError  # noqa: F401 (re-exported)
+from llmos.syscalls.home import Home, HomeError, NoKernel, read_token
+from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, MemInfo, ModelInfo,  # noqa: F401
+                                  ProcInfo, ProcState, SyscallInfo, SysInfo, Usage, WaitStatus)
 
 WAIT_SLACK = 5.0     # seconds the client waits past a wait(timeout=) before giving up itself
 
@@ -29,40 +31,6 @@ _OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "sto
 
 class KernelNotRunning(KernelDead):
     """connect() found no kernel to talk to. The message says how to start one."""
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0       # tokens of the prompt, cached ones included
-    cached_tokens: int = 0       # prompt tokens found in KV already (context or prefix cache)
-    completion_tokens: int = 0   # tokens generated
-
-    @property
-    def computed_tokens(self) -> int:
-        """Prompt tokens the kernel actually had to compute (prompt minus cached)."""
-        return self.prompt_tokens - self.cached_tokens
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "stop"  # "stop" | "length" | "abort"
-    usage: Usage = field(default_factory=Usage)
-
-    @classmethod
-    def from_wire(cls, r: dict) -> "Completion":
-        u = r.get("usage") or {}
-        return cls(text=r.get("text", ""), token_ids=list(r.get("token_ids", ())),
-                   finish_reason=r.get("finish_reason", "stop"),
-                   usage=Usage(**{k: int(u.get(k, 0)) for k in
-                                  ("prompt_tokens", "cached_tokens", "completion_tokens")}))
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-    token_ids: list[int] = field(default_factory=list)
 
 
 class Stream:
@@ -84,7 +52,7 @@ class Stream:
             if self.completion is None and stop.value is not None:
                 self.completion = Completion.from_wire(stop.value)
             raise
-        return Delta(ev.get("text", ""), list(ev.get("token_ids", ())))
+        return Delta.from_wire(ev)
 
     def result(self) -> Completion:
         """Consume the rest of the stream and return the Completion."""
@@ -130,11 +98,12 @@ class Kernel:
         # An attached program is a process only while it runs: it exits as one when it
         # closes, is collected, or the interpreter ends, whichever comes first.
         self._leave = weakref.finalize(self, _leave, conn) if attached else None
-        hello = conn.hello or {}
-        self.pid: int = hello.get("pid")
-        self.ppid: int = hello.get("ppid")
-        self.kernel_pid: int = hello.get("kernel_pid")
-        self.version: int = hello.get("version")
+        hello = Hello.from_wire(conn.hello or {})
+        self.pid: int = hello.pid
+        self.ppid: int = hello.ppid
+        self.kernel_pid: int = hello.kernel_pid
+        self.version: int = hello.version
+        self.owner: bool = hello.owner          # this connection holds the owner's rights
 
     def __repr__(self):
         return f"<Kernel pid={self.pid} at {self._conn.endpoint}>"
@@ -166,6 +135,8 @@ class Kernel:
         return Context(self, self._call(Sys.CONTEXT_CREATE, **args)["context"])
 
     def tokenize(self, text: str) -> list[int]:
+        """Token ids of text under the kernel's model. Raises E2BIG for a text far longer
+        than the model's context."""
         return self._call(Sys.TOKENIZE, text=text)["token_ids"]
 
     def detokenize(self, token_ids) -> str:
@@ -187,20 +158,25 @@ class Kernel:
         return self._call(Sys.SPAWN, **args)["pid"]
 
     def wait(self, pid: int, timeout: float | None = None) -> int | None:
-        """Wait for child pid to exit and collect it; returns its exit status (negative: killed
-        by that signal), or None if `timeout` seconds passed first. Raises ECHILD/ESRCH."""
+        """Wait for pid to exit; returns its exit status (negative: killed by that signal;
+        None: unknown, an attached program that vanished), or None if `timeout` seconds
+        passed first (see wait_status to tell the two apart). A parent collects its child;
+        the owner may wait for any process. Raises ESRCH, EPERM, EINVAL."""
+        return self.wait_status(pid, timeout).status
+
+    def wait_status(self, pid: int, timeout: float | None = None) -> WaitStatus:
+        """wait() with the whole answer: WaitStatus(pid, exited, status)."""
         args = {"pid": pid} if timeout is None else {"pid": pid, "timeout": float(timeout)}
         client = math.inf if timeout is None else timeout + WAIT_SLACK
-        return self._call(Sys.WAIT, _timeout=client, **args)["status"]
+        return WaitStatus.from_wire(self._call(Sys.WAIT, _timeout=client, **args))
 
     def kill(self, pid: int, sig: str | int = "TERM") -> None:
         """Send sig (TERM, KILL, INT, STOP, CONT, by name or number) to pid."""
         self._call(Sys.KILL, pid=pid, sig=sig)
 
-    def ps(self) -> list[dict]:
-        """The process table: one dict per process (pid, ppid, name, state, nice, kv_blocks,
-        tokens_in, tokens_out, cpu_percent, rss, age, os_pid)."""
-        return self._call(Sys.PS)["procs"]
+    def ps(self) -> list[ProcInfo]:
+        """The process table: one ProcInfo per process, by pid."""
+        return [ProcInfo.from_wire(r) for r in self._call(Sys.PS)["procs"]]
 
     def getpid(self) -> int:
         return self._call(Sys.GETPID)["pid"]
@@ -226,15 +202,19 @@ class Kernel:
         return None if self.home is None else self.home / "log" / f"{pid}.log"
 
     # ---- the system ---------------------------------------------------------------------
-    def meminfo(self) -> dict:
-        """{"kv": {total, free, cached, used, block_size, swap_total, swap_free}, "procs": {pid: blocks}}"""
-        return self._call(Sys.MEMINFO)
+    def meminfo(self) -> MemInfo:
+        """KV pool and swap (MemInfo.kv) and KV blocks per pid (MemInfo.procs)."""
+        return MemInfo.from_wire(self._call(Sys.MEMINFO))
 
-    def models(self) -> list[dict]:
-        return self._call(Sys.MODELS)["models"]
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo.from_wire(m) for m in self._call(Sys.MODELS)["models"]]
 
-    def sysinfo(self) -> dict:
-        return self._call(Sys.SYSINFO)
+    def sysinfo(self) -> SysInfo:
+        return SysInfo.from_wire(self._call(Sys.SYSINFO))
+
+    def syscalls(self) -> list[SyscallInfo]:
+        """The kernel's syscall table: number, name, and the spec of its arguments."""
+        return [SyscallInfo.from_wire(e) for e in self._call(Sys.SYSCALLS)["syscalls"]]
 
     def ping(self) -> None:
         self._call(Sys.PING)
@@ -285,9 +265,8 @@ class Context:
         """A copy-on-write child context sharing this one's KV (free it separately)."""
         return Context(self.kernel, self.kernel._call(Sys.CONTEXT_FORK, context=self.id)["context"])
 
-    def info(self) -> dict:
-        """{"id", "tokens", "computed", "blocks", "busy"}"""
-        return self.kernel._call(Sys.CONTEXT_INFO, context=self.id)
+    def info(self) -> ContextInfo:
+        return ContextInfo.from_wire(self.kernel._call(Sys.CONTEXT_INFO, context=self.id))
 
     def close(self) -> None:
         """Free the context in the kernel. Idempotent; a context already gone is fine."""
@@ -354,7 +333,6 @@ def connect(home=None, timeout: float | None = None) -> Kernel:
 
 def _attach(home):
     """(endpoint, owner token, home path) of the kernel on home."""
-    from llmos.kernel.home import Home, HomeError, NoKernel, read_token   # no torch
     h = home if isinstance(home, Home) else Home(home)
     try:
         token = read_token(h)

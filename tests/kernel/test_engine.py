@@ -169,7 +169,7 @@ def test_multi_turn_context_computes_only_new_tokens(ckpts):
     while engine.has_work():
         engine.step()
     assert r2.usage.prompt_tokens == 20 + 8 + 9
-    assert r2.usage.computed_prompt_tokens == 1 + 9     # last reply token + the new turn
+    assert r2.usage.computed_tokens == 1 + 9     # last reply token + the new turn
     full = turn1 + r1.output_ids + turn2
     assert engine.generate([full], max_tokens=8, ignore_eos=True)[0].token_ids == r2.output_ids
     engine.context_free(ctx)
@@ -233,7 +233,7 @@ def test_abort(ckpts):
 def test_embedded_tiny_matches_transformers_and_answers():
     from transformers import AutoModelForCausalLM
 
-    from llmos.kernel.boot import resolve_model
+    from llmos.kernel.load import resolve_model
     from llmos.kernel.tiny import tasks
     engine = Engine.from_pretrained("tiny", poison=True, driver=DRIVER)
     assert engine.config.num_key_value_heads < engine.config.num_attention_heads

@@ -1,4 +1,5 @@
-"""The kernel's home: layout, modes, the pid-file lock, stale takeover, token for clients."""
+"""The kernel's home: layout (syscalls/home.py), the kernel's claim on it (kernel/home.py):
+modes, the pid-file lock, stale takeover, the token for clients."""
 from __future__ import annotations
 
 import os
@@ -9,22 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from llmos.kernel import home as home_mod
-from llmos.kernel.home import Home, HomeError, NoKernel, read_token
+from llmos.kernel.home import HomeLock
+from llmos.syscalls.home import Home, HomeError, NoKernel, read_token
 
-HOME_PY = Path(home_mod.__file__)
-
-# A second kernel, in another process: load home.py alone (no llmos.kernel, no torch),
-# acquire, say so, hold the lock until stdin closes.
-HOLDER = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("home", {str(HOME_PY)!r})
-home = importlib.util.module_from_spec(spec); spec.loader.exec_module(home)
-h = home.Home(sys.argv[1]); h.acquire()
+# A second kernel, in another process: claim the home (no torch loaded), say so, hold the
+# lock until stdin closes.
+HOLDER = """
+import sys
+from llmos.kernel.home import HomeLock
+from llmos.syscalls.home import Home
+lock = HomeLock(Home(sys.argv[1])); lock.acquire()
 print("locked", "torch" in sys.modules, flush=True)
 sys.stdin.read()
-h.release()
+lock.release()
 """
+
+
+def claim(path) -> HomeLock:
+    return HomeLock(Home(path))
 
 
 def mode(p: Path) -> int:
@@ -55,7 +58,8 @@ def holder(tmp_path):
 
 def test_layout_modes_and_release(tmp_path):
     h = Home(tmp_path / "h")
-    token = h.acquire()
+    lock = HomeLock(h)
+    token = lock.acquire()
     try:
         assert len(token) == 64 and int(token, 16) >= 0
         assert mode(h.run_dir) == 0o700 and mode(h.log_dir) == 0o700
@@ -69,47 +73,47 @@ def test_layout_modes_and_release(tmp_path):
         assert Home(h.path).running_pid() == os.getpid()
         h.socket_path.write_text("")                 # stands for the bound socket
     finally:
-        h.release()
+        lock.release()
     assert not h.pid_path.exists() and not h.token_path.exists()
     assert not h.socket_path.exists()
     assert Home(h.path).running_pid() is None
     with pytest.raises(NoKernel, match="no llmos kernel is running"):
         read_token(h.path)
-    h.release()                                      # idempotent
+    lock.release()                                   # idempotent
 
 
 def test_token_regenerated_at_each_boot(tmp_path):
-    h = Home(tmp_path / "h")
-    first = h.acquire()
-    h.release()
-    assert h.acquire() != first
-    h.release()
+    lock = claim(tmp_path / "h")
+    first = lock.acquire()
+    lock.release()
+    assert lock.acquire() != first
+    lock.release()
 
 
 def test_second_kernel_in_another_process_refused_naming_pid(tmp_path, holder):
     path = tmp_path / "h"
     other = holder(path)
     with pytest.raises(HomeError, match=f"already running .*pid {other.pid}"):
-        Home(path).acquire()
+        claim(path).acquire()
     assert Home(path).running_pid() == other.pid
     assert len(read_token(path)) == 64               # a client finds the other kernel's token
     other.stdin.close()
     assert other.wait(timeout=10) == 0
-    h = Home(path)
-    h.acquire()                                      # free again once it released
-    h.release()
+    lock = claim(path)
+    lock.acquire()                                   # free again once it released
+    lock.release()
 
 
 def test_second_acquire_in_same_process_refused(tmp_path):
-    h = Home(tmp_path / "h")
-    h.acquire()
+    lock = claim(tmp_path / "h")
+    lock.acquire()
     try:
         with pytest.raises(HomeError, match=f"pid {os.getpid()}"):
-            Home(h.path).acquire()
+            claim(tmp_path / "h").acquire()
         with pytest.raises(HomeError, match="already acquired"):
-            h.acquire()
+            lock.acquire()
     finally:
-        h.release()
+        lock.release()
 
 
 def test_stale_pid_file_taken_over(tmp_path):
@@ -123,27 +127,29 @@ def test_stale_pid_file_taken_over(tmp_path):
     assert h.running_pid() is None
     with pytest.raises(NoKernel):
         read_token(h.path)
-    token = h.acquire()
+    lock = HomeLock(h)
+    token = lock.acquire()
     try:
         assert h.pid_path.read_text().strip() == str(os.getpid())
         assert not h.socket_path.exists()
         assert read_token(h.path) == token != "old"
     finally:
-        h.release()
+        lock.release()
 
 
 def test_loose_run_dir_fixed_foreign_or_odd_refused(tmp_path, monkeypatch):
     h = Home(tmp_path / "h")
     h.run_dir.mkdir(parents=True, mode=0o755)
     os.chmod(h.run_dir, 0o755)
-    h.acquire()
-    h.release()
+    lock = HomeLock(h)
+    lock.acquire()
+    lock.release()
     assert mode(h.run_dir) == 0o700
 
     real_uid = os.getuid()
     monkeypatch.setattr(os, "getuid", lambda: real_uid + 4242)   # as if another user owned it
     with pytest.raises(HomeError, match="owned by uid"):
-        Home(h.path).acquire()
+        claim(h.path).acquire()
     monkeypatch.undo()
 
     odd = Home(tmp_path / "odd")
@@ -151,12 +157,12 @@ def test_loose_run_dir_fixed_foreign_or_odd_refused(tmp_path, monkeypatch):
     (odd.path / "elsewhere").mkdir()
     os.symlink(odd.path / "elsewhere", odd.run_dir)
     with pytest.raises(HomeError, match="not a directory"):
-        odd.acquire()
+        HomeLock(odd).acquire()
 
 
 def test_socket_path_too_long_refused(tmp_path):
     with pytest.raises(HomeError, match="too long"):
-        Home(tmp_path / ("x" * 120)).acquire()
+        claim(tmp_path / ("x" * 120)).acquire()
 
 
 def test_read_token_without_home(tmp_path):

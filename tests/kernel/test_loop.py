@@ -1,74 +1,70 @@
-"""The engine loop thread: work submitted from other threads, events out, crashes fatal."""
-import queue
+"""The engine loop on a thread of its own: commands from many threads, a fatal crash."""
 import threading
 
 import pytest
 
 from llmos.kernel import Engine
-from llmos.kernel.loop import EngineDead, EngineLoop
+from llmos.kernel.kernel import Kernel
+from llmos.syscalls import Sys
+from llmos.syscalls.home import Home
+from llmos.syscalls.types import ProcState
+from tests.kernel.test_kernel import TOKEN, Outbox, call, conn
 
-TIMEOUT = 60
+T = 60
 
 
 @pytest.fixture
-def loop(checkpoints):
+def kernel(tmp_path, checkpoints):
     engine = Engine.from_pretrained(str(checkpoints["llama"]), num_blocks=64, poison=True)
-    loop = EngineLoop(engine).start()
-    yield loop
-    loop.stop()
+    home = Home(tmp_path / "home")
+    home.log_dir.mkdir(parents=True)
+    k = Kernel(home, engine, "llama", TOKEN)
+    k.outbox = Outbox()
+    k.loop.start()
+    yield k
+    k.loop.stop()
+    k.procs.shutdown(grace=1)
+    k.close()
 
 
-def test_requests_from_many_threads_match_in_process(loop, checkpoints):
+def test_calls_from_many_threads_match_in_process(kernel, checkpoints):
     prompts = [[5 + i, 6, 7, 8 + i] for i in range(8)]
     want = Engine.from_pretrained(str(checkpoints["llama"]), num_blocks=64).generate(
         prompts, max_tokens=12, ignore_eos=True)
     results: dict[int, list] = {}
 
     def agent(i: int) -> None:
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        loop.call(lambda e: e.add_request(prompts[i], max_tokens=12, ignore_eos=True,
-                                          on_event=events.put), TIMEOUT)
-        tokens = []
-        while True:
-            delta = events.get(timeout=TIMEOUT)
-            tokens += delta.token_ids
-            if delta.finished:
-                results[i] = tokens
-                return
+        c = conn(kernel, peer=b"agent%d" % i)
+        cid = call(kernel, c, Sys.GENERATE, token_ids=prompts[i], max_tokens=12,
+                   ignore_eos=True, stream=True)
+        kind, r = kernel.outbox.reply(c.peer, cid, T)
+        streamed = [t for e in kernel.outbox.events(c.peer, cid) for t in e["token_ids"]]
+        assert streamed == r["token_ids"]
+        results[i] = r["token_ids"]
 
     threads = [threading.Thread(target=agent, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(TIMEOUT)
+        t.join(T)
     assert [results[i] for i in range(8)] == [c.token_ids for c in want]
 
 
-def test_stopped_request_waits_until_continued(loop):
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    req = loop.call(lambda e: e.add_request([3, 4], max_tokens=40, ignore_eos=True,
-                                            on_event=events.put), TIMEOUT)
-    events.get(timeout=TIMEOUT)
-    assert loop.call(lambda e: e.set_stopped(req.id, True), TIMEOUT)
-    made = loop.call(lambda e: len(req.output_ids), TIMEOUT)
-    assert loop.call(lambda e: (e.has_work(), len(req.output_ids)), TIMEOUT) == (False, made)
-    loop.call(lambda e: e.set_stopped(req.id, False), TIMEOUT)
-    while not events.get(timeout=TIMEOUT).finished:
-        pass
-    assert len(req.output_ids) == 40
-
-
-def test_a_caller_error_is_theirs_and_a_crash_is_fatal(loop):
-    with pytest.raises(ValueError, match="top_p"):
-        loop.call(lambda e: e.add_request([3], top_p=2.0), TIMEOUT)
+def test_a_crash_is_fatal_and_fails_what_is_queued(kernel):
     crashed = threading.Event()
-    loop.on_crash = lambda exc: crashed.set()
+    kernel.loop.on_crash = lambda exc: crashed.set()
 
     def boom():
         raise RuntimeError("broken invariant")
 
-    loop.call(lambda e: setattr(e, "step", boom), TIMEOUT)
-    loop.submit(lambda e: e.add_request([3, 4], max_tokens=4))
-    assert crashed.wait(TIMEOUT)
-    with pytest.raises(EngineDead, match="broken invariant"):
-        loop.call(lambda e: None, TIMEOUT)
+    c = conn(kernel)
+    kernel.engine.step = boom
+    first = call(kernel, c, Sys.GENERATE, prompt="1+1=", max_tokens=4)
+    assert crashed.wait(T) and not kernel.loop.alive
+    later = call(kernel, c, Sys.GENERATE, prompt="1+1=", max_tokens=4)
+    assert kernel.outbox.reply(c.peer, later, T)[1][0] == "ECANCELED"
+    assert "broken invariant" in kernel.outbox.reply(c.peer, later, T)[1][1]
+    del first                     # in the engine when it broke: the server's close answers it
+    call(kernel, c, Sys.EXIT, status=0)         # a death is still released, not left hanging
+    assert kernel.procs.get(c.pid).waitable
+    assert kernel.procs.get(c.pid).state is ProcState.ZOMBIE

@@ -1,4 +1,5 @@
-"""Fixtures for the syscall layer: a short socket dir, a table of test handlers, a server."""
+"""Fixtures for the syscall layer: a short socket dir, a table of test handlers, and the
+kernel's server (kernel/server.py) serving them, as the peer of the client under test."""
 import os
 import shutil
 import tempfile
@@ -9,7 +10,9 @@ import msgpack
 import pytest
 import zmq
 
-from llmos.syscalls import PENDING, Server, Sys, SyscallError, SyscallTable, wire
+from llmos.kernel.server import Server
+from llmos.kernel.syscall import PENDING, SyscallTable
+from llmos.syscalls import Sys, SyscallError, wire
 
 TOKEN = "sekrit"
 

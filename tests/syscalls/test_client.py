@@ -13,7 +13,9 @@ from tests.syscalls.conftest import TOKEN, wait_for
 
 CHILD = r"""
 import sys, threading
-from llmos.syscalls import PENDING, Server, Sys, SyscallTable
+from llmos.kernel.server import Server
+from llmos.kernel.syscall import PENDING, SyscallTable
+from llmos.syscalls import Sys
 t = SyscallTable()
 t.register(Sys.HELLO, lambda call, args: {"pid": 1})
 t.register(Sys.WAIT, lambda call, args: PENDING)          # never answered

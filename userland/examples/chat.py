@@ -17,7 +17,7 @@ def main() -> None:
             print(f"user: {text}\ntiny: {done.text.strip()}\n  [{u.computed_tokens} new prompt "
                   f"tokens computed, {u.cached_tokens} cached, {u.completion_tokens} generated]",
                   flush=True)
-        print(f"context {ctx.id}: {ctx.info()['tokens']} tokens")
+        print(f"context {ctx.id}: {ctx.info().tokens} tokens")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import msgpack
 import pytest
 import zmq
 
-from llmos.syscalls import Connection, Server, Sys, SyscallError, SyscallTable, wire
-from llmos.syscalls.server import check_endpoint, hard_cap
+from llmos.kernel.server import Server, check_endpoint, hard_cap
+from llmos.kernel.syscall import SyscallTable
+from llmos.syscalls import Connection, Sys, SyscallError, wire
 from tests.syscalls.conftest import TOKEN, Raw, wait_for
 from tests.syscalls.test_args import BAD
 
@@ -27,7 +28,7 @@ def test_ping_hello_and_calls(server):
         assert c.call(Sys.PING) == {}
         assert c.call(Sys.GETPID) == 42
         assert c.call(Sys.TOKENIZE, text="héllo") == {"echo": "héllo"}
-        table = c.call(Sys.SYSCALLS)
+        table = c.call(Sys.SYSCALLS)["syscalls"]
         assert [e["nr"] for e in table] == list(range(len(Sys)))
         assert table[Sys.GENERATE]["name"] == "generate" and table[Sys.KILL]["implemented"] is True
         assert table[Sys.KILL]["args"]["sig"]["default"] == "TERM"

@@ -1,11 +1,14 @@
 """The syscall table (xv6 `syscall.c`): number -> (name, spec, handler), and the dispatcher.
 
 A handler is `handler(call: Call, args: dict) -> result | PENDING`, called on the server's
-I/O thread with arguments already validated against the number's spec. It is thin and
-must not block: it either returns the result at once, or returns PENDING and some other
-thread (the engine) later finishes the call with `call.reply(...)` / `call.error(...)`,
+I/O thread with arguments already validated against the number's spec (syscalls/specs.py).
+It is thin and must not block: it either returns the result at once (a result type of
+syscalls/types.py, or plain data), or returns PENDING and some other thread (the engine,
+a tokenizer worker) later finishes the call with `call.reply(...)` / `call.error(...)`,
 after any number of `call.event(...)` deltas. Raising SyscallError gives an error reply;
 any other exception gives EIO and a log line. Nothing is ever looked up by a name off the wire.
+
+`install(table, kernel)` registers the kernel's sys_* functions (kernel/sys*.py).
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ import threading
 import time
 from typing import Any, Callable, NamedTuple
 
-from . import wire
-from .errors import EACCES, ECANCELED, EIO, ENOSYS, SyscallError
-from .numbers import Sys, sys_name
-from .specs import SPECS
+from llmos.syscalls import wire
+from llmos.syscalls.errors import EACCES, ECANCELED, EIO, ENOSYS, SyscallError
+from llmos.syscalls.numbers import Sys, sys_name
+from llmos.syscalls.specs import SPECS
+from llmos.syscalls.types import to_wire
 
 log = logging.getLogger("llmos.syscalls")
 
@@ -30,15 +34,16 @@ OPEN_BEFORE_HELLO = frozenset({Sys.PING, Sys.HELLO})
 class ConnState:
     """One peer (a DEALER identity) as the server sees it.
 
-    I/O thread only: peer, authenticated, last_seen. The kernel's (hello handler): pid, data.
+    I/O thread only: peer, authenticated, last_seen, gone. Set once by hello (I/O thread):
+    pid (the process this connection is), owner (it holds the owner's rights).
     Guarded by self.lock: calls (call id -> Call in flight).
     """
 
     def __init__(self, peer: bytes):
         self.peer = peer
         self.authenticated = False
-        self.pid = None
-        self.data: dict = {}          # the kernel's own per-connection state
+        self.pid: int | None = None
+        self.owner = False
         self.last_seen = time.monotonic()
         self.gone = False
         self.lock = threading.Lock()
@@ -80,7 +85,7 @@ class Call:
     def reply(self, result: Any = None) -> bool:
         """Finish with `result`; an unencodable result becomes EIO. False if already finished."""
         try:
-            frame = wire.encode_reply(self.id, result)
+            frame = wire.encode_reply(self.id, to_wire(result))
         except Exception as e:
             log.error("%s: %s returned an unencodable result: %s", self.conn.name(), sys_name(self.nr), e)
             frame = wire.encode_error(self.id, EIO, f"{sys_name(self.nr)}: unencodable result")
@@ -94,7 +99,7 @@ class Call:
         """Send a delta event (a map; str and list values concatenate when coalesced)."""
         if self._done:
             return False
-        self._post(self.conn.peer, self.id, "ev", payload)
+        self._post(self.conn.peer, self.id, "ev", to_wire(payload))
         return True
 
     def cancel_silently(self) -> bool:
@@ -128,7 +133,7 @@ class SyscallTable:
     def __init__(self, specs=SPECS):
         self._entries = {int(nr): Entry(Sys(nr).name.lower(), spec, None) for nr, spec in specs.items()}
         self.register(Sys.PING, lambda call, args: {})
-        self.register(Sys.SYSCALLS, lambda call, args: self.describe())
+        self.register(Sys.SYSCALLS, lambda call, args: {"syscalls": self.describe()})
 
     def register(self, nr: int, handler: Callable) -> None:
         """Install handler(call, args) for syscall nr. Raises KeyError for an unknown number."""
@@ -176,3 +181,26 @@ class SyscallTable:
 def shutdown_error(call: Call) -> bool:
     """Fail an in-flight call because the kernel is going away."""
     return call.error(ECANCELED, "kernel shutting down")
+
+
+def install(table: SyscallTable, kernel) -> None:
+    """Register the kernel's sys_* functions, bound to `kernel`, in `table`: the one map
+    of number -> function (PING and SYSCALLS are the table's own)."""
+    from functools import partial
+
+    from .sysinfo import sys_meminfo, sys_models, sys_sysinfo
+    from .sysllm import (sys_cancel, sys_context_create, sys_context_fork, sys_context_free,
+                         sys_context_info, sys_detokenize, sys_generate, sys_tokenize)
+    from .sysproc import (sys_exit, sys_getpid, sys_hello, sys_kill, sys_nice, sys_ps,
+                          sys_spawn, sys_wait)
+    functions = {
+        Sys.HELLO: sys_hello, Sys.SYSINFO: sys_sysinfo, Sys.SPAWN: sys_spawn,
+        Sys.EXIT: sys_exit, Sys.WAIT: sys_wait, Sys.KILL: sys_kill, Sys.PS: sys_ps,
+        Sys.GETPID: sys_getpid, Sys.NICE: sys_nice, Sys.GENERATE: sys_generate,
+        Sys.CANCEL: sys_cancel, Sys.CONTEXT_CREATE: sys_context_create,
+        Sys.CONTEXT_FORK: sys_context_fork, Sys.CONTEXT_FREE: sys_context_free,
+        Sys.CONTEXT_INFO: sys_context_info, Sys.TOKENIZE: sys_tokenize,
+        Sys.DETOKENIZE: sys_detokenize, Sys.MEMINFO: sys_meminfo, Sys.MODELS: sys_models,
+    }
+    for nr, fn in functions.items():
+        table.register(nr, partial(fn, kernel))

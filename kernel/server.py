@@ -10,7 +10,7 @@ and its code (EPROTO or E2BIG), so a raw peer learns why; our client ignores suc
 
 Streaming (coalescing policy): outbound messages wait in a queue per peer until the
 socket takes them. A delta event still waiting there absorbs every later delta of the
-same call (wire.Delta: text and token ids concatenate, other keys take the newest
+same call (wire.Coalesced: text and token ids concatenate, other keys take the newest
 value), so a reader that falls behind gets fewer, larger deltas, never lost or
 reordered text, and the server holds at most one unsent delta per call.
 
@@ -29,9 +29,10 @@ from collections import deque
 
 import zmq
 
-from . import wire
-from .errors import EAGAIN, EINVAL, WireError
-from .table import Call, ConnState, SyscallTable, shutdown_error
+from llmos.syscalls import wire
+from llmos.syscalls.errors import EAGAIN, EINVAL, WireError
+
+from .syscall import Call, ConnState, SyscallTable, shutdown_error
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
 log = logging.getLogger("llmos.syscalls")
@@ -245,8 +246,8 @@ class Server:
         if kind == "ev":
             pending = self._open_ev.get(key)
             if pending is not None:
-                if not isinstance(pending[2], wire.Delta):
-                    pending[2] = wire.Delta(pending[2])
+                if not isinstance(pending[2], wire.Coalesced):
+                    pending[2] = wire.Coalesced(pending[2])
                 pending[2].add(data)
                 return
         item = [cid, kind, data]
@@ -280,7 +281,7 @@ class Server:
 
     @staticmethod
     def _encode_event(cid, payload):
-        if isinstance(payload, wire.Delta):
+        if isinstance(payload, wire.Coalesced):
             payload = payload.payload()
         try:
             return wire.encode_event(cid, payload)

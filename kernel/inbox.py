@@ -1,0 +1,106 @@
+"""The engine's inbox: typed commands, processed by the engine thread in arrival order.
+
+Other threads never touch the engine: they put a command here. The kernel puts the
+commands that concern a process while it holds the process table's lock, so their order
+is the order in which ownership changed: the Add of a request always precedes its
+Abort, and a dead process's Release follows every Add it made, so a request of a process
+that is already dead never starts.
+
+Commands that answer a syscall carry its Call; the engine thread answers it.
+"""
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Add:
+    """Start request `rid` for process `proc` on token ids (chat: they came from the
+    chat template, so a leading BOS is dropped when continuing a context)."""
+    rid: int
+    proc: Any                  # the kernel/proc.py Proc that owns it
+    call: Any                  # the generate Call: deltas and the reply go there
+    key: tuple                 # (peer, call id): its entry in proc.requests
+    tokens: list
+    chat: bool
+    sampling: dict
+    context: int | None
+    stream: bool
+    stopped: bool              # the process is STOPPED: queue it paused
+    salt: bytes
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Finish request `rid` with reason "abort" (cancel, a signal); no-op if it is gone."""
+    rid: int
+
+
+@dataclass(frozen=True)
+class Pause:
+    """SIGSTOP (stopped=True) or SIGCONT of every request of `proc`."""
+    proc: Any
+    stopped: bool
+
+
+@dataclass(frozen=True)
+class Release:
+    """`proc` died: abort its requests, free its contexts, then tell the process table."""
+    proc: Any
+    rids: list
+    contexts: list
+
+
+@dataclass(frozen=True)
+class CreateContext:
+    context: int
+    proc: Any
+    call: Any
+    tokens: list = field(default_factory=list)
+    salt: bytes = b""
+
+
+@dataclass(frozen=True)
+class ForkContext:
+    source: int
+    context: int               # the id the child gets
+    proc: Any
+    call: Any
+
+
+@dataclass(frozen=True)
+class FreeContext:
+    context: int
+    call: Any
+
+
+@dataclass(frozen=True)
+class DescribeContext:
+    context: int
+    call: Any
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish the command in hand and stop the loop."""
+
+
+class Inbox:
+    """A FIFO of commands; put() from any thread (and from a signal handler)."""
+
+    def __init__(self):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, cmd) -> None:
+        self._q.put(cmd)          # SimpleQueue.put is reentrant: signal-handler safe
+
+    def get(self, timeout: float | None = None):
+        """The next command; None if none came within timeout (0: do not wait)."""
+        try:
+            if timeout == 0:
+                return self._q.get_nowait()
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None

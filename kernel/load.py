@@ -1,0 +1,84 @@
+"""Loading an engine: from a checkpoint directory (or "tiny") to an Engine with its KV pool sized."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from llmos.drivers.base import parse_size
+
+from . import tunables
+from .config import CheckpointError
+from .loader import load_weights, open_model_dir
+from .models.llama import CausalLM
+
+EMBEDDED = {"tiny": Path(__file__).parent / "tiny" / "model"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model(path_or_name: str | os.PathLike) -> Path:
+    """"tiny" names the embedded model; anything else is a directory."""
+    return EMBEDDED.get(str(path_or_name), Path(path_or_name))
+
+
+def pick_dtype(requested: str | torch.dtype | None, stored: str, device: torch.device):
+    """The checkpoint's dtype unless asked otherwise; half precision becomes float32 on the
+    CPU, where half-precision matmuls are slow and less exact."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    name = requested or stored or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    if requested is None and device.type == "cpu":
+        return torch.float32
+    return DTYPES[name]
+
+
+def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
+                num_blocks: int | None = None, block_size: int = tunables.BLOCK_SIZE,
+                max_num_seqs: int = tunables.MAX_NUM_SEQS,
+                max_num_batched_tokens: int = tunables.MAX_NUM_BATCHED_TOKENS,
+                num_swap_blocks: int | None = None,
+                enable_prefix_caching: bool = True, poison: bool | None = None):
+    """Load a model directory onto a driver; raise CheckpointError naming what is wrong.
+
+    num_blocks defaults to what kv_memory (bytes or "512M"; default a share of the
+    device's free memory) holds; num_swap_blocks, the host swap pool, to half of that.
+    """
+    from llmos.drivers import get_driver
+    drv = get_driver(driver) if isinstance(driver, str) else driver
+    mdir = open_model_dir(resolve_model(path_or_name))
+    cfg = mdir.config
+    torch_dtype = pick_dtype(dtype, cfg.torch_dtype, drv.device)
+    model = CausalLM.from_weights(cfg, load_weights(mdir.path, cfg, torch_dtype), drv.device)
+    if block_size < 1 or (num_blocks is not None and num_blocks < 1):
+        raise ValueError(f"KV pool: {num_blocks} blocks of {block_size} tokens is too small")
+    if num_blocks is None:
+        num_blocks = _pool_blocks(drv, cfg, block_size, torch_dtype, kv_memory)
+    max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+    if num_swap_blocks is None:
+        num_swap_blocks = int(num_blocks * tunables.SWAP_FRACTION)
+    if poison is None:
+        poison = os.environ.get(tunables.POISON_ENV) == "1"
+    return cls(model, mdir.tokenizer, drv, num_blocks=num_blocks, block_size=block_size,
+               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+               max_model_len=max_len, num_swap_blocks=num_swap_blocks,
+               enable_prefix_caching=enable_prefix_caching, poison=poison)
+
+
+def _pool_blocks(drv, cfg, block_size, dtype, kv_memory) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    per_block = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    if kv_memory is None:
+        free, _ = drv.memory_info()
+        budget = min(int(free * tunables.KV_MEMORY_FRACTION), tunables.KV_MEMORY_CAP)
+    else:
+        budget = parse_size(kv_memory, "kv_memory")
+    if budget < per_block:
+        raise ValueError(f"KV pool: {budget} bytes hold no block of {block_size} tokens "
+                         f"({per_block} bytes for this model); give a larger kv_memory")
+    return budget // per_block
+
+
+__all__ = ["load_engine", "resolve_model", "CheckpointError"]

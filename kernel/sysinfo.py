@@ -1,0 +1,42 @@
+"""Information syscalls: sysinfo, meminfo, models. They read what the engine last
+published (kernel/loop.py Snapshot) and never wait on the engine."""
+from __future__ import annotations
+
+import time
+from importlib import metadata
+
+from llmos.syscalls.types import MemInfo, ModelInfo, SysInfo
+
+from .load import resolve_model
+
+
+def _release() -> str:
+    try:
+        return metadata.version("llmos")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def sys_sysinfo(k, call, a):
+    e, stats = k.engine, k.loop.snapshot.stats
+    return SysInfo(version=1, release=_release(), driver=e.driver.name,
+                   device=str(e.driver.device), model=k.model_name, procs=len(k.procs.procs()),
+                   uptime=round(time.time() - k.started, 3), steps=stats.get("steps", 0),
+                   computed_tokens=stats.get("computed_tokens", 0),
+                   generated_tokens=stats.get("generated_tokens", 0),
+                   preemptions=stats.get("preemptions", 0))
+
+
+def sys_meminfo(k, call, a):
+    snap = k.loop.snapshot
+    return MemInfo(kv=snap.kv, procs=dict(snap.blocks))
+
+
+def sys_models(k, call, a):
+    e = k.engine
+    c = e.config
+    return {"models": [ModelInfo(
+        name=k.model_name, path=str(resolve_model(k.model_name).resolve()),
+        model_type=c.model_type, layers=c.num_hidden_layers, hidden=c.hidden_size,
+        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, vocab=c.vocab_size,
+        max_len=e.max_model_len, dtype=str(next(e.model.parameters()).dtype).removeprefix("torch."))]}

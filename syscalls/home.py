@@ -1,0 +1,114 @@
+"""Where a kernel's home keeps its socket, token, pid file and logs, and how a client
+finds a running kernel there. The kernel's claim on a home (locking it, writing the
+token) is kernel/home.py; this half is shared by both sides and needs no torch.
+
+Layout (HOME is --home, else $LLMOS_HOME, else ~/.llmos):
+
+    HOME/run/             0700, owned by the kernel's user: nobody else may look up the socket
+    HOME/run/kernel.sock  the syscall socket
+    HOME/run/kernel.pid   the kernel's pid, exclusively flock()ed for the kernel's life
+    HOME/run/token        0600: the owner token, regenerated at every boot
+    HOME/log/kernel.log   the kernel's own log (events: boot, spawn, signal, exit, reap)
+    HOME/log/kernel.out   stdout and stderr of a kernel started with `llmos up -d`
+    HOME/log/<pid>.log    stdout and stderr of spawned process <pid> (never overwritten)
+
+The lock, not the file, says whether a kernel runs: a pid file left by a dead kernel is
+unlocked and is taken over.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+ENV = "LLMOS_HOME"             # overrides the default home
+DEFAULT = "~/.llmos"           # the home when neither --home nor $LLMOS_HOME is given
+
+
+class HomeError(Exception):
+    """The home cannot be used: another kernel holds it, or its permissions are unsafe."""
+
+
+class NoKernel(HomeError):
+    """No kernel is running on this home (no live lock on the pid file)."""
+
+
+def resolve(path: str | os.PathLike | None = None) -> Path:
+    """The home directory: path if given, else $LLMOS_HOME, else ~/.llmos (absolute)."""
+    chosen = path if path not in (None, "") else os.environ.get(ENV) or DEFAULT
+    return Path(chosen).expanduser().absolute()
+
+
+class Home:
+    """The paths of one home, and whether (and which) kernel runs there. Anyone may use it."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = resolve(path)
+        self.run_dir = self.path / "run"
+        self.log_dir = self.path / "log"
+        self.socket_path = self.run_dir / "kernel.sock"
+        self.pid_path = self.run_dir / "kernel.pid"
+        self.token_path = self.run_dir / "token"
+        self.kernel_log = self.log_dir / "kernel.log"
+        self.kernel_out = self.log_dir / "kernel.out"
+
+    def __repr__(self):
+        return f"Home({str(self.path)!r})"
+
+    def proc_log(self, pid: int) -> Path:
+        """The log file of spawned process pid."""
+        return self.log_dir / f"{pid}.log"
+
+    @property
+    def socket_url(self) -> str:
+        return f"ipc://{self.socket_path}"
+
+    def running_pid(self) -> int | None:
+        """The pid of the kernel holding this home, or None if none holds it."""
+        try:
+            fd = os.open(self.pid_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:       # a planted symlink is no kernel of ours
+                return None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            return read_pid(self.pid_path) or -1    # locked: alive, even if pid unreadable
+        finally:
+            os.close(fd)                            # also drops our shared lock, if taken
+        return None
+
+
+def read_token(home: Home | str | os.PathLike | None = None) -> str:
+    """The owner token of the kernel running on home (a Home, a path, or None for the default).
+
+    Raises NoKernel if no kernel holds the home, HomeError if the token cannot be read.
+    """
+    h = home if isinstance(home, Home) else Home(home)
+    if h.running_pid() is None:
+        raise NoKernel(f"no llmos kernel is running on {h.path} "
+                       f"(no live lock on {h.pid_path})")
+    try:
+        token = h.token_path.read_text().strip()
+    except FileNotFoundError:
+        raise NoKernel(f"the kernel on {h.path} has not written its token yet "
+                       f"({h.token_path} is missing)") from None
+    except PermissionError:
+        raise HomeError(f"{h.token_path}: permission denied; only the kernel's owner "
+                        f"may connect with the owner token") from None
+    if not token:
+        raise NoKernel(f"{h.token_path} is empty: the kernel is still booting")
+    return token
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

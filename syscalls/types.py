@@ -1,0 +1,208 @@
+"""The result types of every syscall: one definition, used by the kernel to answer and by
+the SDK to read the answer.
+
+Each is a frozen dataclass. `to_wire(x)` turns one (or a list or dict of them) into the
+plain maps msgpack carries; `T.from_wire(map)` reads one back, ignoring keys it does not
+know (a newer kernel may add some) and filling defaults for keys it lacks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class ProcState(str, enum.Enum):
+    """A process's state as ps shows it (DESIGN.md "Processes")."""
+    RUNNING = "running"        # has tokens in the engine's current batch
+    READY = "ready"            # has LLM work accepted and not finished, none in the batch
+    SLEEPING = "sleeping"      # no LLM work: running its own code or blocked in wait
+    STOPPED = "stopped"        # SIGSTOP: its LLM work is not scheduled
+    ZOMBIE = "zombie"          # exited; its status is not collected yet
+
+
+class Record:
+    """Base of the result types: from_wire and the nested types of fields."""
+    _nested: ClassVar[dict] = {}      # field name -> Record type (or (list, type)/(dict, type))
+
+    @classmethod
+    def from_wire(cls, data: dict):
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}: expected a map, got {type(data).__name__}")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value, nested = data[f.name], cls._nested.get(f.name)
+            if isinstance(nested, tuple):
+                kind, t = nested
+                value = ([t.from_wire(v) for v in value] if kind is list
+                         else {_int_key(k): t.from_wire(v) for k, v in value.items()})
+            elif nested is dict:
+                value = {_int_key(k): v for k, v in value.items()}
+            elif nested is not None:
+                value = nested(value) if isinstance(nested, type) and issubclass(nested, enum.Enum) \
+                    else nested.from_wire(value)
+            kw[f.name] = value
+        return cls(**kw)
+
+
+def _int_key(k):
+    """msgpack maps keep int keys, but a JSON round trip may have made them strings."""
+    return int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k
+
+
+def to_wire(x: Any) -> Any:
+    """Plain data for msgpack: records become maps, enums their values, int keys strings,
+    recursively."""
+    if isinstance(x, Record):
+        return {f.name: to_wire(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, enum.Enum):
+        return x.value
+    if isinstance(x, (list, tuple)):
+        return [to_wire(v) for v in x]
+    if isinstance(x, dict):      # msgpack map keys are strings on our wire (strict_map_key)
+        return {str(k) if isinstance(k, int) else k: to_wire(v) for k, v in x.items()}
+    return x
+
+
+# ---- LLM calls ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Usage(Record):
+    prompt_tokens: int = 0        # tokens before the first generated one (a context's included)
+    cached_tokens: int = 0        # of those, already in the KV cache when the call started
+    completion_tokens: int = 0    # tokens generated
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens the kernel actually had to compute (prompt minus cached)."""
+        return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass(frozen=True)
+class Completion(Record):
+    """The reply of generate."""
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    finish_reason: str = "stop"   # "stop" | "length" | "abort"
+    usage: Usage = field(default_factory=Usage)
+    _nested: ClassVar[dict] = {"usage": Usage}
+
+
+@dataclass(frozen=True)
+class Delta(Record):
+    """One streaming event of generate(stream=True): new text and token ids."""
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ContextInfo(Record):
+    id: int = 0
+    tokens: int = 0               # tokens in the context
+    computed: int = 0             # of those, with KV in the cache
+    blocks: int = 0               # KV blocks its sequence holds
+    busy: bool = False            # a generate is running on it
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello(Record):
+    pid: int = 0
+    ppid: int = 0
+    kernel_pid: int = 0           # the kernel's OS pid
+    version: int = 1              # the wire version
+    owner: bool = False           # this connection holds the owner's rights
+
+
+@dataclass(frozen=True)
+class WaitStatus(Record):
+    """The reply of wait: `exited` False when the timeout passed first."""
+    pid: int = 0
+    exited: bool = False
+    status: int | None = None     # exit code; -N: killed by signal N; None: unknown (attached)
+
+
+@dataclass(frozen=True)
+class ProcInfo(Record):
+    """One row of ps."""
+    pid: int = 0
+    ppid: int = 0
+    name: str = ""
+    state: ProcState = ProcState.SLEEPING
+    nice: int = 0
+    kv_blocks: int = 0            # KV blocks its requests and contexts hold
+    calls: int = 0                # LLM calls in flight (accepted, not answered)
+    contexts: int = 0
+    tokens_in: int = 0            # prompt tokens computed for it (cached ones not counted)
+    tokens_out: int = 0           # tokens generated for it
+    cpu_percent: float = 0.0      # of its OS process, sampled about every second
+    rss: int | None = None        # bytes; None when unknown or exited
+    age: float = 0.0              # seconds since it started
+    os_pid: int | None = None     # None for an attached program
+    exit_status: int | None = None
+    _nested: ClassVar[dict] = {"state": ProcState}
+
+
+# ---- the system ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KVInfo(Record):
+    """The KV pool in blocks of `block_size` tokens."""
+    total: int = 0
+    used: int = 0                 # referenced by a request or context
+    cached: int = 0               # unreferenced but holding a cached prefix (takeable)
+    free: int = 0                 # takeable now (cached included)
+    block_size: int = 0
+    swap_total: int = 0           # host swap pool
+    swap_free: int = 0
+
+
+@dataclass(frozen=True)
+class MemInfo(Record):
+    kv: KVInfo = field(default_factory=KVInfo)
+    procs: dict = field(default_factory=dict)     # pid -> KV blocks it holds
+    _nested: ClassVar[dict] = {"kv": KVInfo, "procs": dict}
+
+
+@dataclass(frozen=True)
+class ModelInfo(Record):
+    name: str = ""
+    path: str = ""
+    model_type: str = ""
+    layers: int = 0
+    hidden: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    vocab: int = 0
+    max_len: int = 0              # context length the kernel serves
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class SysInfo(Record):
+    version: int = 1              # wire version
+    release: str = ""             # the llmos package version
+    driver: str = ""              # the driver in use (never "auto")
+    device: str = ""
+    model: str = ""
+    procs: int = 0
+    uptime: float = 0.0
+    steps: int = 0                # engine steps run
+    computed_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class SyscallInfo(Record):
+    """One entry of the syscall table (the reply of syscalls)."""
+    nr: int = 0
+    name: str = ""
+    implemented: bool = False
+    args: dict = field(default_factory=dict)      # argument name -> its spec as data
+    one_of: list = field(default_factory=list)
+    at_most_one: list = field(default_factory=list)
