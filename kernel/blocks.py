@@ -8,7 +8,12 @@ A block is in exactly one of three states:
   cached      refcount == 0 but its hash is in the prefix cache: free to take, yet its KV
               is kept until a fresh block is needed and it is the least recently freed;
   free        refcount == 0, no hash, content is garbage.
-`num_free_blocks` counts cached + free: both can be taken now.
+`num_free_blocks` counts cached + free: both can be taken now. Free blocks are taken most
+recently freed first (a stack; from a fresh pool, block 0 first), so a block just released
+is reused before one never written. On the CPU a pool's pages are committed on first write
+(drivers/base.py), so without the prefix cache the written part of the pool stays near the
+most blocks ever in use at once; cached blocks are kept while a free one is left, so with
+the cache on it grows with the cache.
 
 Ask before acting: `can_append` then `append_slots`. NoFreeBlocks means the caller broke
 that rule; ValueError means a bad argument. Neither leaves the manager half-changed.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,7 +58,9 @@ class BlockManager:
         self._refcount = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks  # set iff the block is in _cache
         self._cache: dict[bytes, int] = {}  # hash -> block id (referenced or cached)
-        self._free: deque[int] = deque(range(num_blocks))  # unhashed, refcount 0
+        # unhashed, refcount 0; a stack whose top (the end) is taken next: most recently
+        # freed first, and from a fresh pool block 0 first
+        self._free: list[int] = list(reversed(range(num_blocks)))
         # hashed, refcount 0, least recently freed first; an OrderedDict so that a prefix
         # hit can revive a block from the middle in O(1)
         self._lru: OrderedDict[int, None] = OrderedDict()
@@ -221,9 +228,10 @@ class BlockManager:
         return h.digest()
 
     def _take(self) -> int:
-        """A fresh block with refcount 1: a free one, else evict the least recently freed."""
+        """A fresh block with refcount 1: the most recently freed free one, else evict the
+        least recently freed cached one."""
         if self._free:
-            block = self._free.popleft()
+            block = self._free.pop()
         else:
             block, _ = self._lru.popitem(last=False)
             del self._cache[self._hash[block]]

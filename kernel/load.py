@@ -1,6 +1,7 @@
 """Loading an engine: from a checkpoint directory (or "tiny") to an Engine with its KV pool sized."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
                 enable_prefix_caching: bool = True, poison: bool | None = None):
     """Load a model directory onto a driver; raise CheckpointError naming what is wrong.
 
-    num_blocks defaults to what kv_memory (bytes or "512M"; default a share of the
-    device's free memory) holds; num_swap_blocks, the host swap pool, to half of that.
+    num_blocks defaults to what kv_memory (bytes or "512M") holds; without kv_memory, to a
+    share of the device's free memory, but no more than a full batch of full-length
+    sequences needs. num_swap_blocks, the host swap pool, defaults to half of num_blocks.
     """
     from llmos.drivers import get_driver
     drv = get_driver(driver) if isinstance(driver, str) else driver
@@ -54,9 +56,11 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
     model = CausalLM.from_weights(cfg, load_weights(mdir.path, cfg, torch_dtype), drv.device)
     if block_size < 1 or (num_blocks is not None and num_blocks < 1):
         raise ValueError(f"KV pool: {num_blocks} blocks of {block_size} tokens is too small")
+    max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
     if num_blocks is None:
         num_blocks = _pool_blocks(drv, cfg, block_size, torch_dtype, kv_memory)
-    max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+        if kv_memory is None:     # a full batch of full-length sequences: more is never used
+            num_blocks = min(num_blocks, max_num_seqs * math.ceil(max_len / block_size))
     if num_swap_blocks is None:
         num_swap_blocks = int(num_blocks * tunables.SWAP_FRACTION)
     if poison is None:

@@ -1,4 +1,9 @@
-"""The Driver base class's defaults: the swap pool and swap_out / swap_in, capabilities."""
+"""The Driver base class's defaults: the swap pool and swap_out / swap_in, capabilities,
+and CPU pools that take memory only as they are written."""
+import gc
+import mmap
+
+import psutil
 import pytest
 import torch
 
@@ -105,3 +110,41 @@ def test_allocate_kv_cache_checks_capabilities():
         Strict().allocate_kv_cache(1, 2, 4, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="block size 4"):
         Strict().allocate_swap(1, 2, 4, 1, 8, torch.float32)
+
+
+# ---- CPU pools are committed lazily ---------------------------------------------------
+
+lazy = pytest.mark.skipif(not hasattr(mmap, "MAP_PRIVATE"),
+                          reason="no private anonymous mmap: CPU pools are zero-filled here")
+
+
+@lazy
+@pytest.mark.parametrize("allocate", ["allocate_kv_cache", "allocate_swap"])
+def test_big_cpu_pool_reads_as_zeros_and_costs_memory_only_where_written(allocate):
+    rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
+    before = rss()
+    layers, blocks, bs, hkv, d = 4, 4096, 16, 2, 64  # 2 x 4 x 32 MiB in float32
+    pool = getattr(get_driver("cpu"), allocate)(layers, blocks, bs, hkv, d, torch.float32)
+    tensors = [t for pair in pool for t in pair]
+    assert sum(t.numel() * t.element_size() for t in tensors) == 256 << 20
+    assert all(t.is_contiguous() and t.shape == (blocks, bs, hkv, d) for t in tensors)
+    assert rss() - before < 32 << 20, "allocating the pool committed its memory"
+    # Every byte reads as zero, and reading commits nothing. (In chunks: a whole-tensor
+    # any() makes a temporary the allocator may keep, which would count here.)
+    assert not any(chunk.any() for t in tensors for chunk in t.split(256))
+    assert rss() - before < 32 << 20, "reading the zero pool committed its memory"
+    for t in tensors:  # writing one block commits about that block
+        t[7].fill_(1.5)
+    assert rss() - before < 32 << 20
+    assert all(t[7].eq(1.5).all() and not t[:7].any() and not t[8:].any() for t in tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_pool_outlives_the_pool_while_a_view_of_it_is_held(dtype):
+    (k, v), = get_driver("cpu").allocate_kv_cache(1, 32, BS, HKV, D, dtype)
+    assert k.dtype == v.dtype == dtype and not k.any() and not v.any()
+    block = k[5]
+    del k, v
+    gc.collect()
+    block.fill_(3)  # the memory under the view is still mapped
+    assert block.eq(3).all() and block.dtype == dtype
