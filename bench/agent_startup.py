@@ -2,8 +2,7 @@
 
     python bench/agent_startup.py [-n 10]
 
-Starts a stub kernel (tests/userland/stub_kernel.py: the real syscall server, no model),
-then runs the hello agent's code (connect(), one generate of "12+47=") N times as a fresh
+Starts a kernel on `tiny` (as the tests do, tests/userland/conftest.py), then runs the hello agent's code (connect(), one generate of "12+47=") N times as a fresh
 subprocess. Startup is the wall time from just before exec until connect() returned (hello
 answered), measured by the agent against the parent's timestamp; RSS is the agent's
 resident memory (psutil) at that moment.
@@ -25,7 +24,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.userland.conftest import short_home, start_stub, stop_stub  # noqa: E402
+from tests.userland.conftest import short_home, start_kernel, stop_kernel  # noqa: E402
 
 PROBE = """
 import os, sys, time, psutil
@@ -52,20 +51,20 @@ def _run(code: str, env: dict) -> tuple[float, int, int]:
 
 
 def measure_hello_agent(n: int = 10) -> dict:
-    """Start the hello agent's connect path n times against a stub kernel.
+    """Start the hello agent's connect path n times against a real kernel.
 
     Returns {"startup_s": [...], "rss_bytes": [...], "bare_startup_s", "bare_rss_bytes",
     "torch_loaded": bool}. Startup: exec until hello answered; RSS at that moment."""
     home = short_home()
-    stub = start_stub(home)
+    kernel = start_kernel(home)
     try:
-        from llmos.kernel.home import Home, read_token
+        from llmos.syscalls.home import Home, read_token
         env = {**os.environ, "LLMOS_SOCKET": Home(home).socket_url, "LLMOS_TOKEN": read_token(home)}
-        # The stub accepts the owner token as the agent's: it attaches, as spawned agents do.
+        # With the owner token the agent attaches: the same connect path as a spawned agent's.
         runs = [_run(PROBE, env) for _ in range(n)]
         bare = [_run(BARE, env) for _ in range(max(3, n // 3))]
     finally:
-        stop_stub(stub)
+        stop_kernel(kernel)
         shutil.rmtree(home, ignore_errors=True)
     return {"startup_s": [r[0] for r in runs], "rss_bytes": [r[1] for r in runs],
             "bare_startup_s": statistics.median(r[0] for r in bare),

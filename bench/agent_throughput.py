@@ -27,7 +27,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmos.kernel import Engine  # noqa: E402
-from llmos.kernel.home import Home  # noqa: E402
+from llmos.syscalls.home import Home  # noqa: E402
 from llmos.userland import connect  # noqa: E402
 
 console = Console(width=110)
@@ -61,7 +61,7 @@ def in_process(work: list[list[int]], new_tokens: int) -> float:
 def through_kernel(work: list[list[int]], new_tokens: int) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="llmos-bench-"))
     home = Home(tmp / "home")
-    kernel = subprocess.Popen([sys.executable, "-m", "llmos.kernel.daemon", "--home",
+    kernel = subprocess.Popen([sys.executable, "-m", "llmos.kernel", "--home",
                                str(home.path), "--kv-memory", "256M"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

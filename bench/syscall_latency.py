@@ -32,7 +32,8 @@ def serve_raw(endpoint: str) -> None:
 
 
 def serve_llmos(endpoint: str) -> None:
-    from llmos.syscalls import Server, SyscallTable
+    from llmos.kernel.server import Server
+    from llmos.kernel.syscall import SyscallTable
     Server(endpoint, SyscallTable()).start()
     print("ready", flush=True)
     threading.Event().wait()

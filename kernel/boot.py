@@ -26,7 +26,7 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
          heartbeat_timeout: float = tunables.HEARTBEAT_TIMEOUT) -> int:
     """Boot, serve until told to stop, shut down. Returns the exit status."""
     from .engine import Engine
-    from .kernel import Kernel
+    from .kernel import Supervisor
     from .server import Server
     from .syscall import SyscallTable, install
 
@@ -39,7 +39,7 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
         engine = Engine.from_pretrained(model, driver=driver,   # 2. the model and KV pool
                                         kv_memory=kv_memory)
         _inject_faults(engine)
-        kernel = Kernel(home, engine, str(model), token)     # 3. processes, engine loop
+        kernel = Supervisor(home, engine, str(model), token)     # 3. processes, engine loop
         table = SyscallTable()
         install(table, kernel)                               # 4. the syscall table
         server = Server(home.socket_url, table,              # 5. the socket

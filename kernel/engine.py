@@ -29,7 +29,7 @@ from .blocks import BlockManager
 from .errors import ContextBusy, EngineError, KVOutOfMemory, NoSuchContext
 from llmos.syscalls.types import Completion
 
-from .request import Context, Request, RequestOutput, Sequence
+from .request import KVContext, Request, RequestOutput, Sequence
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
@@ -60,7 +60,7 @@ class Engine:
                                    self._copy_blocks, self.swapper)
         self.runner = ModelRunner(model, driver, self.kv_caches, block_size)
         self.requests: dict[int, Request] = {}
-        self.contexts: dict[int, Context] = {}
+        self.contexts: dict[int, KVContext] = {}
         self._context_ids = itertools.count(1)
         self.last_batch: list[Request] = []   # the requests the latest step computed
         self.stats = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0}
@@ -254,7 +254,7 @@ class Engine:
             raise EngineError(f"context id {cid} is in use")
         tokens = [] if prompt is None and messages is None else self.encode(prompt, messages, reply=False)
         self._check_fits(len(tokens), 0)
-        ctx = Context(cid, Sequence(tokens, self.blocks.new_table(salt)), owner=owner)
+        ctx = KVContext(cid, Sequence(tokens, self.blocks.new_table(salt)), owner=owner)
         self.contexts[cid] = ctx
         return cid
 
@@ -273,7 +273,7 @@ class Engine:
         if cid in self.contexts:
             raise EngineError(f"context id {cid} is in use")
         table = self.blocks.fork(parent.seq.table)
-        child = Context(cid, Sequence(list(parent.seq.tokens), table),
+        child = KVContext(cid, Sequence(list(parent.seq.tokens), table),
                         owner=parent.owner if owner is None else owner)
         self.contexts[child.id] = child
         return child.id
@@ -290,16 +290,13 @@ class Engine:
         return {"id": context, "tokens": len(seq.tokens), "computed": seq.num_computed,
                 "blocks": len(seq.table.blocks), "busy": self.contexts[context].busy is not None}
 
-    def context_tokens(self, context: int) -> list[int]:
-        return list(self._context(context).seq.tokens)
-
-    def _context(self, context: int) -> Context:
+    def _context(self, context: int) -> KVContext:
         ctx = self.contexts.get(context)
         if ctx is None:
             raise NoSuchContext(f"context {context}: no such context")
         return ctx
 
-    def _idle_context(self, context: int) -> Context:
+    def _idle_context(self, context: int) -> KVContext:
         ctx = self._context(context)
         if ctx.busy is not None:
             raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
@@ -313,9 +310,3 @@ class Engine:
         while len(done) < len(reqs) and self.has_work():
             done.update((d.request_id, d.completion) for d in self.step() if d.finished)
         return [done[r.id] for r in reqs]
-
-    def blocks_of(self, owner: object) -> int:
-        """KV blocks held by the requests and contexts tagged `owner` (shared ones once)."""
-        tables = [r.seq.table for r in self.requests.values() if r.owner is owner]
-        tables += [c.seq.table for c in self.contexts.values() if c.owner is owner]
-        return len({b for t in tables for b in t.blocks})

@@ -1,4 +1,6 @@
-"""The kernel: the policy behind the syscalls, over the process table and the engine loop.
+"""The Supervisor: the kernel's policy behind the syscalls, over the process table and
+the engine loop. (The SDK's `Kernel` is a program's handle on all this; this is the
+kernel's own side.)
 
 The sys_* functions (kernel/sysproc.py, sysllm.py, sysinfo.py) decode their arguments
 and call these methods; the rules (who may act on whom, what a process owns, when work
@@ -42,7 +44,7 @@ SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "sto
             "stop_token_ids", "ignore_eos")
 
 
-class Kernel:
+class Supervisor:
     def __init__(self, home, engine, model_name: str, owner_token: str):
         self.home, self.engine, self.model_name = home, engine, model_name
         self._owner_token = owner_token.encode()

@@ -380,7 +380,8 @@ class ProcTable:
             self._orphans.append(p.pid)
 
     def _collect(self, p: Proc, by: int) -> None:
-        log.info("pid %d (%s): reaped by pid %d (status %s)", p.pid, p.name, by, p.exit_status)
+        who = f"pid {by}" if by else "the kernel"
+        log.info("pid %d (%s): reaped by %s (status %s)", p.pid, p.name, who, p.exit_status)
         self.free(p.pid)
 
     def _trim_orphans(self) -> None:

@@ -1,7 +1,7 @@
 """KV sequences, contexts and requests: the engine's units of work and their output.
 
 A `Sequence` is a list of tokens plus the block table that holds the KV of the first
-`num_computed` of them. A `Context` owns a sequence across requests (a conversation);
+`num_computed` of them. A `KVContext` owns a sequence across requests (a conversation);
 an ephemeral request owns a fresh one. A `Request` runs on a sequence: it appends its
 prompt, then one sampled token per step, and turns tokens into text deltas that never
 split a UTF-8 character and never show a stop string.
@@ -37,7 +37,7 @@ class Sequence:
 
 
 @dataclass
-class Context:
+class KVContext:
     id: int
     seq: Sequence
     busy: "Request | None" = None    # at most one request runs on a context at a time
@@ -68,7 +68,7 @@ class Request:
     params: SamplingParams
     tokenizer: Tokenizer
     on_event: Callable[[RequestOutput], None] | None = None
-    context: Context | None = None
+    context: KVContext | None = None
     stream: bool = False          # decode text deltas as tokens come (else text at the end)
     id: int = field(default_factory=lambda: next(_ids))
     owner: object = None          # the caller's tag (the kernel: the owning process)

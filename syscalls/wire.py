@@ -27,7 +27,7 @@ MAX_MAP = 1 << 12            # keys in one map
 MAX_ID = (1 << 63) - 1       # call ids are non-negative int64
 
 
-class Request(NamedTuple):
+class WireRequest(NamedTuple):
     id: int
     nr: int
     args: dict
@@ -88,7 +88,7 @@ def _check_header(msg) -> int:
     return cid
 
 
-def decode_request(frames: list, max_message: int = MAX_MESSAGE) -> Request:
+def decode_request(frames: list, max_message: int = MAX_MESSAGE) -> WireRequest:
     """Decode a request's frames (header first). Raises WireError; .call_id is set when known."""
     if not frames:
         raise WireError(EPROTO, "empty message")
@@ -105,7 +105,7 @@ def decode_request(frames: list, max_message: int = MAX_MESSAGE) -> Request:
     rest = tuple(frames[1:])
     if sum(len(f) for f in rest) > max_message:
         raise WireError(E2BIG, f"binary frames exceed {max_message} bytes", cid)
-    return Request(cid, nr, args, rest)
+    return WireRequest(cid, nr, args, rest)
 
 
 def encode_request(cid: int, nr: int, args: dict) -> bytes:

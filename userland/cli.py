@@ -5,16 +5,22 @@ commands that run the engine in-process, never at module level.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 
 import click
 
+from llmos.userland import listing
 
 DRIVER_HELP = 'cpu, cuda, an installed plugin, or "auto" (the best available); see `llmos drivers`.'
+BOOT_TIMEOUT = 120.0      # seconds `up -d` and `demo` wait for a kernel to answer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmos", prog_name="llmos",
+                      help="Print the llmos version and exit.")
 def main() -> None:
     """llmos: an operating system for LLM agents."""
 
@@ -32,22 +38,31 @@ def _engine(model: str, driver: str):
 @click.argument("prompt")
 @click.option("--model", "-m", default=None,
               help='Model directory in Hugging Face format, or "tiny" (embedded); runs in '
-                   'this process. Default: the running kernel, else "tiny" in this process.')
+                   'this process.')
+@click.option("--driver", default=None,
+              help="Driver of an engine in this process (default cpu); " + DRIVER_HELP)
 @click.option("--home", default=None, help="The kernel's home (default $LLMOS_HOME or ~/.llmos).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to PROMPT.")
 @click.option("--system", default=None, help="System message (with --chat).")
-@click.option("--max-tokens", "-n", default=64, show_default=True, type=int)
-@click.option("--temperature", "-t", default=0.0, show_default=True, type=float)
-@click.option("--top-k", default=0, type=int)
-@click.option("--top-p", default=1.0, type=float)
-@click.option("--min-p", default=0.0, type=float)
-@click.option("--seed", default=None, type=int)
+@click.option("--max-tokens", "-n", default=64, show_default=True, type=int,
+              help="Most tokens to generate.")
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=float,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-k", default=0, type=int, help="Sample from the k likeliest tokens (0: all).")
+@click.option("--top-p", default=1.0, type=float,
+              help="Sample from the likeliest tokens up to this probability mass.")
+@click.option("--min-p", default=0.0, type=float,
+              help="Drop tokens less likely than this fraction of the likeliest.")
+@click.option("--seed", default=None, type=int, help="Seed of the sampler (repeatable output).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--ignore-eos", is_flag=True)
-@click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence.")
 def generate(prompt, model, home, chat, system, driver, **sampling) -> None:
-    """Stream a completion of PROMPT: through the kernel when one is up (and no --model
-    is given), else from an engine in this process."""
+    """Stream a completion of PROMPT.
+
+    Through the kernel of --home when one is up; with --model or --driver, or when no
+    kernel is up, from an engine in this process (--model default "tiny", --driver
+    default cpu).
+    """
     sampling["stop"] = list(sampling["stop"])
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -56,10 +71,10 @@ def generate(prompt, model, home, chat, system, driver, **sampling) -> None:
     else:
         source = {"prompt": prompt}
     start = time.perf_counter()
-    if model is None and _kernel_is_up(home):
+    if model is None and driver is None and _kernel_is_up(home):
         completion = _generate_through_kernel(home, source, sampling)
     else:
-        completion = _generate_here(model or "tiny", driver, source, sampling)
+        completion = _generate_here(model or "tiny", driver or "cpu", source, sampling)
     u = completion.usage
     click.echo()
     click.echo(f"[{completion.finish_reason}; {u.prompt_tokens} prompt + "
@@ -68,7 +83,7 @@ def generate(prompt, model, home, chat, system, driver, **sampling) -> None:
 
 
 def _kernel_is_up(home) -> bool:
-    from llmos.kernel.home import Home
+    from llmos.syscalls.home import Home
     return Home(home).running_pid() is not None
 
 
@@ -105,45 +120,42 @@ def _generate_here(model, driver, source, sampling):
 
 
 @main.command()
-@click.option("--model", "-m", default="tiny", show_default=True)
+@click.option("--model", "-m", default="tiny", show_default=True,
+              help='Model directory in Hugging Face format, or "tiny" (embedded).')
 @click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
 def demo(model, driver) -> None:
     """Boot a kernel on MODEL in a temporary home, run the example agents at once (hello,
     parallel with its workers, chat), show a live process table and their output, and
     shut the kernel down."""
     import shutil
-    import subprocess
     import tempfile
 
     from rich.console import Console
     from rich.live import Live
     from rich.panel import Panel
+    from rich.text import Text
 
-    from llmos.kernel.home import Home
+    from llmos.syscalls.home import Home
+    from llmos.syscalls.types import ProcState
     from llmos.userland import connect
-    from llmos.userland.commands import ps_table
+    from llmos.userland.listing import ps_text
     console = Console()
     home = Home(tempfile.mkdtemp(prefix="llmos-demo-"))
-    argv = [sys.executable, "-m", "llmos.kernel.daemon", "--home", str(home.path),
-            "--model", model, "--driver", driver, "--kv-memory", "256M"]
-    home.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(home.log_dir / "kernel.out", "ab") as out:
-        kernel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                  start_new_session=True)
+    kernel, since = _launch(home, _kernel_argv(home, model, driver, "256M"))
     failed = True
     try:
         with console.status(f"booting a kernel on {model!r} in {home.path}"):
-            _await_kernel(home, kernel)
+            _await_kernel(home, kernel, since)
         with connect(home.path, timeout=120) as k:
             agents = {"hello": [], "parallel": ["-n", "6"], "chat": []}
             start = time.perf_counter()
             pids = {k.spawn([sys.executable, "-m", f"llmos.userland.examples.{name}", *args],
                             name=name): name for name, args in agents.items()}
-            with Live(ps_table(k.ps()), console=console, refresh_per_second=8) as live:
-                while any(r["state"].lower() != "zombie" for r in k.ps() if r["pid"] in pids):
-                    live.update(ps_table(k.ps()))
+            with Live(Text(ps_text(k.ps())), console=console, refresh_per_second=8) as live:
+                while any(p.state != ProcState.ZOMBIE for p in k.ps() if p.pid in pids):
+                    live.update(Text(ps_text(k.ps())))
                     time.sleep(0.1)
-                live.update(ps_table(k.ps()))
+                live.update(Text(ps_text(k.ps())))
             console.print()
             statuses = {pid: k.wait(pid, timeout=60) for pid in pids}
             secs = time.perf_counter() - start
@@ -152,7 +164,7 @@ def demo(model, driver) -> None:
                                     title=f"pid {pid} {name}: exit {statuses[pid]}",
                                     title_align="left"))
             console.print(f"3 agents and their workers done in {secs:.1f}s; "
-                          f"KV blocks in use now: {k.meminfo()['kv']['used']}")
+                          f"KV blocks in use now: {k.meminfo().kv.used}")
         failed = any(st != 0 for st in statuses.values())
     finally:
         kernel.terminate()
@@ -164,42 +176,28 @@ def demo(model, driver) -> None:
 
 
 @main.command()
-def drivers() -> None:
-    """List the drivers: availability, device, memory, and plugins that failed to load."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+@listing.json_option
+def drivers(as_json) -> None:
+    """List the drivers: availability, device, memory free/total, and why one cannot be
+    used (unavailable, or its plugin failed to load); then the one "auto" picks."""
+    import dataclasses
 
-    from llmos.drivers import list_drivers, load_errors
+    from llmos.drivers import list_drivers
     from llmos.drivers.registry import current
-    console = Console()
-    table = Table(title="llmos drivers (entry-point group llmos.drivers)")
-    for col in ("driver", "status", "device", "memory free / total", "priority"):
-        table.add_column(col)
-    for d in list_drivers():
-        if d.load_error:
-            status = "[red]failed to load[/]"
-        elif d.available:
-            status = "[green]available[/]"
-        else:
-            status = f"[yellow]unavailable[/]: {escape(d.reason or '')}"
-        memory = f"{_size(d.memory[0])} / {_size(d.memory[1])}" if d.memory else ""
-        table.add_row(d.name, status, d.device or "", memory,
-                      "" if d.load_error else str(d.priority))
-    console.print(table)
     try:
-        console.print(f"auto: {current().auto()}")
-    except ValueError as e:
-        console.print(f"auto: [red]{escape(str(e))}[/]")
-    for name, error in load_errors().items():
-        console.print(f"[red]load error[/] {name}: {escape(error)}")
+        auto = current().auto()
+    except ValueError:
+        auto = None
+    infos = list_drivers()
+    if as_json:
+        click.echo(listing.to_json([dataclasses.asdict(d) | {"auto": d.name == auto}
+                                    for d in infos]))
+    else:
+        click.echo(listing.drivers_text(infos, auto or "none available"))
 
 
-def _size(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
-
-
-# The client commands (run, ps, kill, wait, logs, mem, models) talk to a running kernel.
+# The client commands (run, ps, kill, wait, logs, mem, models, sysinfo, syscalls) talk to
+# a running kernel.
 from llmos.userland import commands as _commands  # noqa: E402
 
 _commands.register(main)
@@ -207,56 +205,106 @@ _commands.register(main)
 
 @main.command()
 @click.option("--home", default=None, help="Kernel home (default $LLMOS_HOME or ~/.llmos).")
-@click.option("--model", "-m", default="tiny", show_default=True)
-@click.option("--driver", default="cpu", show_default=True)
-@click.option("--kv-memory", default=None, help="KV pool size, e.g. 512M (default: a share of free memory).")
-@click.option("-d", "--detach", is_flag=True, help="Run in the background; return once it answers.")
+@click.option("--model", "-m", default="tiny", show_default=True,
+              help='Model directory in Hugging Face format, or "tiny" (embedded).')
+@click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
+@click.option("--kv-memory", default=None,
+              help="KV pool size, e.g. 512M (default: a share of free memory).")
+@click.option("-d", "--detach", is_flag=True,
+              help="Run in the background (output in HOME/log/kernel.out); return once it answers.")
 def up(home, model, driver, kv_memory, detach) -> None:
-    """Boot the kernel on MODEL (in the foreground unless -d)."""
-    import subprocess
-
-    from llmos.kernel.home import Home
-    argv = [sys.executable, "-m", "llmos.kernel.daemon", "--model", model, "--driver", driver]
-    argv += ["--home", str(Home(home).path)] + (["--kv-memory", kv_memory] if kv_memory else [])
-    if not detach:
-        sys.exit(subprocess.call(argv))
+    """Boot the kernel on MODEL (in the foreground unless -d). Refuses a home whose
+    kernel is running."""
+    from llmos.syscalls.home import Home
     h = Home(home)
-    h.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(h.log_dir / "kernel.out", "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)
-    _await_kernel(h, proc)
-    click.echo(f"llmos kernel {proc.pid} listening on {h.socket_url}")
+    pid = h.running_pid()
+    if pid is not None:
+        raise click.ClickException(f"a kernel is already running on {h.path} (pid {pid}); "
+                                   f"`llmos down --home {h.path}` stops it")
+    argv = _kernel_argv(h, model, driver, kv_memory)
+    if not detach:
+        sys.stdout.flush()
+        os.execv(argv[0], argv)          # this process becomes the kernel: signals reach it
+    kernel, since = _launch(h, argv)
+    _await_kernel(h, kernel, since)
+    click.echo(f"llmos kernel {kernel.pid} listening on {h.socket_url}")
 
 
-def _await_kernel(h, proc, timeout: float = 120.0) -> None:
-    """Return once the kernel answers a ping; fail clearly if it exits or stays silent."""
-    from llmos.syscalls import Connection, KernelDead, Sys, SyscallError
+def _kernel_argv(h, model, driver, kv_memory) -> list[str]:
+    argv = [sys.executable, "-m", "llmos.kernel", "--home", str(h.path), "--model", model,
+            "--driver", driver]
+    return argv + (["--kv-memory", kv_memory] if kv_memory else [])
+
+
+def _launch(h, argv) -> tuple[subprocess.Popen, int]:
+    """Start the kernel argv in a session of its own, its stdout and stderr appended to
+    HOME/log/kernel.out; returns the process and the offset where its output starts."""
+    h.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    h.log_dir.mkdir(mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(h.kernel_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+    except OSError as e:       # ELOOP: a symlink planted there
+        raise click.ClickException(f"cannot open {h.kernel_out}: {e.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)   # also a kernel.out made before llmos made it private
+        since = os.lseek(fd, 0, os.SEEK_END)
+        kernel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                  start_new_session=True)
+    finally:
+        os.close(fd)
+    return kernel, since
+
+
+def _await_kernel(h, kernel, since: int, timeout: float = BOOT_TIMEOUT) -> None:
+    """Return once `kernel` holds the home and answers a ping (never another kernel).
+    If it exits first, print what it wrote to kernel.out since `since` and fail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"the kernel exited with status {proc.returncode}; "
-                                       f"see {h.log_dir / 'kernel.out'}")
-        if h.socket_path.exists():
-            try:
-                with Connection(h.socket_url, timeout=2, dead_after=2) as c:
-                    c.call(Sys.PING)
-                    return
-            except (KernelDead, SyscallError):
-                pass
+        if kernel.poll() is not None:
+            click.echo(_kernel_output(h, since), err=True, nl=False)
+            raise click.ClickException(f"the kernel exited with status {kernel.returncode} "
+                                       f"before it answered (its output: {h.kernel_out})")
+        if h.running_pid() == kernel.pid and _answers(h):
+            return
         time.sleep(0.1)
-    raise click.ClickException(f"the kernel did not answer within {timeout:.0f}s")
+    raise click.ClickException(f"kernel {kernel.pid} did not answer within {timeout:.0f}s; "
+                               f"it may still be booting (its output: {h.kernel_out})")
+
+
+def _kernel_output(h, since: int) -> str:
+    """What the kernel wrote to kernel.out from offset since."""
+    try:
+        fd = os.open(h.kernel_out, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace")
+
+
+def _answers(h) -> bool:
+    """The kernel on h's socket answers a ping."""
+    from llmos.syscalls import Connection, KernelDead, Sys, SyscallError
+    if not h.socket_path.exists():
+        return False
+    try:
+        with Connection(h.socket_url, timeout=2, dead_after=2) as c:
+            c.call(Sys.PING)
+        return True
+    except (KernelDead, SyscallError):
+        return False
 
 
 @main.command()
-@click.option("--home", default=None)
-@click.option("--timeout", default=30.0, show_default=True)
+@click.option("--home", default=None, help="Kernel home (default $LLMOS_HOME or ~/.llmos).")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds to wait for the kernel to stop.")
 def down(home, timeout) -> None:
     """Shut the kernel down (SIGTERM): calls in flight fail, children are terminated."""
-    import os
     import signal
 
-    from llmos.kernel.home import Home
+    from llmos.syscalls.home import Home
     h = Home(home)
     pid = h.running_pid()
     if pid is None:

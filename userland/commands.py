@@ -1,22 +1,26 @@
-"""The client commands of `llmos`: run, ps, kill, wait, logs, mem, models.
+"""The client commands of `llmos`: run, ps, kill, wait, logs, mem, models, sysinfo, syscalls.
 
 Each talks to a running kernel through the SDK (attaching with the owner token of
 --home), so each stays light: no torch, no kernel engine. Any syscall error, or no
-kernel at all, is one line on stderr and exit status 1, never a traceback.
+kernel at all, is one line on stderr and exit status 1, never a traceback. Listings print
+aligned columns, or one JSON document with --json (userland/listing.py).
 """
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
-import threading
 import time
 
 import click
 
+from llmos.userland import listing
+
 HOME_HELP = "The kernel's home (default: $LLMOS_HOME, else ~/.llmos)."
 FOLLOW_POLL = 0.1         # seconds between reads of a followed log
 ALIVE_POLL = 1.0          # seconds between `logs -f` checks that the process still runs
+INTERRUPTED = 130         # exit status of a `run` the user stopped with Ctrl-C (128 + SIGINT)
 
 
 def client(fn):
@@ -69,8 +73,9 @@ def _copy_new(f, out) -> bool:
 @click.command(context_settings={"ignore_unknown_options": True,
                                  "allow_interspersed_args": False})
 @click.option("-d", "--detach", is_flag=True, help="Print the pid and return at once.")
-@click.option("--name", default=None, help="Process name shown by ps.")
-@click.option("--nice", default=None, type=click.IntRange(-20, 19), help="Nice value.")
+@click.option("--name", default=None, help="Process name shown by ps (default: PROGRAM's name).")
+@click.option("--nice", default=None, type=click.IntRange(-20, 19),
+              help="Nice value, -20 (first served) to 19 (last).")
 @click.option("-m", "--module", is_flag=True, help="PROGRAM is a Python module (python -m).")
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -78,7 +83,8 @@ def _copy_new(f, out) -> bool:
 def run(program, args, detach, name, nice, module, home) -> None:
     """Run PROGRAM [ARGS...] as an llmos process (a .py file or -m module runs with this Python).
 
-    Follows its output and exits with its status; Ctrl-C sends it INT (twice: KILL).
+    Follows its output and exits with its status; Ctrl-C sends it INT (twice: KILL), waits
+    for it and exits 130.
     """
     k = _connect(home)
     argv = [sys.executable, "-m", program, *args] if module else _argv(program, args)
@@ -86,93 +92,88 @@ def run(program, args, detach, name, nice, module, home) -> None:
     if detach:
         click.echo(pid)
         return
-    outcome: dict = {}
-
-    def waiter():
-        try:
-            outcome["status"] = k.wait(pid)
-        except Exception as e:        # handed to the main thread
-            outcome["error"] = e
-    t = threading.Thread(target=waiter, name=f"wait {pid}", daemon=True)
-    t.start()
-    _follow(k, pid, t)
-    if "error" in outcome:
-        raise outcome["error"]
-    sys.exit(_exit_code(outcome["status"]))
+    status, interrupted = _follow(k, pid)
+    sys.exit(INTERRUPTED if interrupted else _exit_code(status))
 
 
-def _follow(k, pid: int, waiter: threading.Thread) -> None:
-    """Copy pid's log to stdout until waiter ends (then the rest of it)."""
-    path, f, interrupts = k.log_path(pid), None, 0
+def _follow(k, pid: int) -> tuple[int | None, bool]:
+    """Copy pid's log to stdout until pid exits; return (its status, whether the user
+    interrupted). Ctrl-C sends INT to pid, a second one KILL.
+
+    SIGINT only counts while this runs: raising KeyboardInterrupt in the middle of a
+    wait could lose the status the kernel is sending back.
+    """
+    interrupts = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(signum))
+    path, f, sent = k.log_path(pid), None, 0
     try:
         while True:
-            try:
-                done = not waiter.is_alive()
-                if f is None and path is not None and path.exists():
-                    f = open(path, "rb")
-                if f is not None:
-                    _copy_new(f, sys.stdout.buffer)
-                if done:
-                    return
-                waiter.join(FOLLOW_POLL)
-            except KeyboardInterrupt:
-                interrupts += 1
-                sig = "INT" if interrupts == 1 else "KILL"
+            done = k.wait_status(pid, timeout=FOLLOW_POLL)
+            if f is None and path is not None and path.exists():
+                f = open(path, "rb")
+            if f is not None:
+                _copy_new(f, sys.stdout.buffer)
+            if done.exited:
+                return done.status, bool(interrupts)
+            if len(interrupts) > sent:
+                sent = len(interrupts)
+                sig = "INT" if sent == 1 else "KILL"
                 click.echo(f"\n[llmos: sending {sig} to pid {pid}]", err=True)
-                k.kill(pid, sig)
+                _signal_unless_gone(k, pid, sig)
     finally:
+        signal.signal(signal.SIGINT, previous)
         if f is not None:
             f.close()
 
 
+def _signal_unless_gone(k, pid: int, sig: str) -> None:
+    """Send sig to pid; one that exited meanwhile (ESRCH) is told by the next wait."""
+    from llmos.userland.sdk import SyscallError
+    try:
+        k.kill(pid, sig)
+    except SyscallError as e:
+        if e.code != "ESRCH":
+            raise
+
+
 @click.command()
+@listing.json_option
 @client
-def ps(home) -> None:
+def ps(as_json, home) -> None:
     """List the kernel's processes."""
-    from rich.console import Console
-    Console().print(ps_table(_connect(home).ps()))
-
-
-def ps_table(procs: list[dict]):
-    """ps rows as a rich Table (also the live table of `llmos demo`)."""
-    from rich.table import Table
-    table = Table(box=None, header_style="bold")
-    cols = ("PID", "PPID", "NAME", "STATE", "NI", "KV", "TOK IN", "TOK OUT", "CPU%", "RSS",
-            "AGE", "OS PID")
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("NAME", "STATE") else "right")
-    for p in procs:
-        table.add_row(*map(str, (p.get("pid"), p.get("ppid"))), str(p.get("name", "")),
-                      str(p.get("state", "")), str(p.get("nice", "")), str(p.get("kv_blocks", "")),
-                      str(p.get("tokens_in", "")), str(p.get("tokens_out", "")),
-                      f"{p.get('cpu_percent') or 0:.1f}", _bytes(p.get("rss")),
-                      _duration(p.get("age")), str(p.get("os_pid") or "-"))
-    return table
+    procs = _connect(home).ps()
+    click.echo(listing.to_json(procs) if as_json else listing.ps_text(procs))
 
 
 @click.command()
 @click.option("-s", "--signal", "sig", default="TERM", show_default=True,
-              help="TERM, KILL, INT, STOP or CONT (name or number).")
+              help="TERM, KILL, INT, STOP or CONT (name, with or without SIG, or number).")
 @click.argument("pids", metavar="PID...", nargs=-1, type=int, required=True)
 @client
 def kill(sig, pids, home) -> None:
-    """Send a signal to processes."""
+    """Send a signal to processes (the owner may signal any process)."""
     k = _connect(home)
+    sig = sig.upper().removeprefix("SIG")
     for pid in pids:
         k.kill(pid, int(sig) if sig.isdigit() else sig)
 
 
 @click.command()
-@click.option("--timeout", "-t", default=None, type=float, help="Give up after this many seconds.")
+@click.option("--timeout", "-t", default=None, type=float,
+              help="Give up after this many seconds (exit 1 if PID still runs).")
 @click.argument("pid", type=int)
 @client
 def wait(pid, timeout, home) -> None:
-    """Wait for child PID to exit; print its status and exit with it."""
-    status = _connect(home).wait(pid, timeout=timeout)
-    if status is None:
-        raise click.ClickException(f"pid {pid} still running after {timeout}s")
-    click.echo(status)
-    sys.exit(_exit_code(status))
+    """Wait for PID to exit (any process: you are its owner); print its status and exit
+    with it (128+N when killed by signal N)."""
+    done = _connect(home).wait_status(pid, timeout=timeout)
+    if not done.exited:
+        raise click.ClickException(f"pid {pid} is still running after {timeout:g}s")
+    if done.status is None:
+        raise click.ClickException(f"pid {pid} exited; its status is unknown "
+                                   f"(an attached program that vanished)")
+    click.echo(done.status)
+    sys.exit(_exit_code(done.status))
 
 
 @click.command()
@@ -181,7 +182,7 @@ def wait(pid, timeout, home) -> None:
 @client
 def logs(pid, follow, home) -> None:
     """Print the output (stdout and stderr) of process PID."""
-    from llmos.kernel.home import Home          # no torch: paths only
+    from llmos.syscalls.home import Home
     path = Home(home).proc_log(pid)
     if not path.exists():
         raise click.ClickException(f"no log for pid {pid} ({path})")
@@ -197,72 +198,57 @@ def logs(pid, follow, home) -> None:
                     time.sleep(FOLLOW_POLL)
                 if time.monotonic() - checked > ALIVE_POLL:
                     checked = time.monotonic()
-                    if not any(p["pid"] == pid and str(p.get("state")).upper() != "ZOMBIE"
-                               for p in k.ps()):
+                    if not _alive(k, pid):
                         _copy_new(f, sys.stdout.buffer)
                         return
         except KeyboardInterrupt:
-            sys.exit(130)
+            sys.exit(INTERRUPTED)
+
+
+def _alive(k, pid: int) -> bool:
+    """pid is in the process table and not a zombie (asking, not waiting: a wait would
+    collect it from under its parent)."""
+    from llmos.syscalls.types import ProcState
+    return any(p.pid == pid and p.state != ProcState.ZOMBIE for p in k.ps())
 
 
 @click.command()
+@listing.json_option
 @client
-def mem(home) -> None:
+def mem(as_json, home) -> None:
     """Show KV memory: blocks in the pool, in swap, and per process."""
-    from rich.console import Console
-    from rich.table import Table
     info = _connect(home).meminfo()
-    kv, bs = info["kv"], info["kv"].get("block_size") or 0
-    table = Table(title=f"KV memory (blocks of {bs} tokens)", box=None, header_style="bold")
-    for c in ("", "blocks", "tokens"):
-        table.add_column(c, justify="right" if c else "left")
-    for key in ("total", "used", "cached", "free", "swap_total", "swap_free"):
-        n = kv.get(key)
-        table.add_row(key.replace("_", " "), str(n), "" if n is None else str(n * bs))
-    console = Console()
-    console.print(table)
-    if info.get("procs"):
-        per = Table(box=None, header_style="bold")
-        for c in ("PID", "KV blocks", "tokens"):
-            per.add_column(c, justify="right")
-        for pid, n in sorted(info["procs"].items(), key=lambda kv_: int(kv_[0])):
-            per.add_row(str(pid), str(n), str(n * bs))
-        console.print(per)
+    click.echo(listing.to_json(info) if as_json else listing.mem_text(info))
 
 
 @click.command()
+@listing.json_option
 @client
-def models(home) -> None:
+def models(as_json, home) -> None:
     """List the models the kernel has loaded."""
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(box=None, header_style="bold")
-    keys = ("name", "model_type", "layers", "hidden", "heads", "kv_heads", "vocab", "dtype",
-            "max_len", "path")
-    for key in keys:
-        table.add_column(key.upper().replace("_", " "))
-    for m in _connect(home).models():
-        table.add_row(*(str(m.get(key, "")) for key in keys))
-    Console().print(table)
+    found = _connect(home).models()
+    click.echo(listing.to_json(found) if as_json else listing.models_text(found))
 
 
-def _bytes(n) -> str:
-    if not n:
-        return "-"
-    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n}B"
+@click.command()
+@listing.json_option
+@client
+def sysinfo(as_json, home) -> None:
+    """Show the kernel: release, driver, device, model, uptime and engine counters."""
+    info = _connect(home).sysinfo()
+    click.echo(listing.to_json(info) if as_json else listing.sysinfo_text(info))
 
 
-def _duration(s) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+@click.command()
+@listing.json_option
+@client
+def syscalls(as_json, home) -> None:
+    """List the kernel's syscall table: number, name, implemented, arguments."""
+    table = _connect(home).syscalls()
+    click.echo(listing.to_json(table) if as_json else listing.syscalls_text(table))
 
 
-COMMANDS = (run, ps, kill, wait, logs, mem, models)
+COMMANDS = (run, ps, kill, wait, logs, mem, models, sysinfo, syscalls)
 
 
 def register(group: click.Group) -> None:

@@ -26,7 +26,7 @@ from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, MemInfo
 WAIT_SLACK = 5.0     # seconds the client waits past a wait(timeout=) before giving up itself
 
 _OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
-            "stop_token_ids", "ignore_eos")
+            "stop_token_ids", "ignore_eos", "model")
 
 
 class KernelNotRunning(KernelDead):
@@ -68,6 +68,11 @@ class Stream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _given(**args) -> dict:
+    """The arguments that are not None (absent on the wire: the kernel's default)."""
+    return {k: v for k, v in args.items() if v is not None}
 
 
 def _generate_args(prompt, messages, token_ids, options: dict) -> dict:
@@ -117,7 +122,8 @@ class Kernel:
         """A completion of exactly one of prompt / messages / token_ids.
 
         Options (omitted ones take the kernel's defaults): max_tokens, temperature, top_k,
-        top_p, min_p, seed, stop (a str or list), stop_token_ids, ignore_eos.
+        top_p, min_p, seed, stop (a str or list), stop_token_ids, ignore_eos, model (the
+        name of a loaded model; ENOENT names the loaded ones).
         Returns a Completion; with stream=True, a Stream of Delta whose `.completion` is
         set once it is exhausted.
         """
@@ -128,19 +134,21 @@ class Kernel:
             return Stream(self._conn.stream(Sys.GENERATE, stream=True, **args))
         return Completion.from_wire(self._call(Sys.GENERATE, **args))
 
-    def context(self, system: str | None = None, messages: list | None = None) -> "Context":
+    def context(self, system: str | None = None, messages: list | None = None,
+                model: str | None = None) -> "Context":
         """A new context (KV kept between calls), optionally started with a system prompt
         or messages. Free it with close() or a `with` block."""
-        args = {k: v for k, v in (("system", system), ("messages", messages)) if v is not None}
+        args = {k: v for k, v in (("system", system), ("messages", messages),
+                                  ("model", model)) if v is not None}
         return Context(self, self._call(Sys.CONTEXT_CREATE, **args)["context"])
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, model: str | None = None) -> list[int]:
         """Token ids of text under the kernel's model. Raises E2BIG for a text far longer
         than the model's context."""
-        return self._call(Sys.TOKENIZE, text=text)["token_ids"]
+        return self._call(Sys.TOKENIZE, text=text, **_given(model=model))["token_ids"]
 
-    def detokenize(self, token_ids) -> str:
-        return self._call(Sys.DETOKENIZE, token_ids=list(token_ids))["text"]
+    def detokenize(self, token_ids, model: str | None = None) -> str:
+        return self._call(Sys.DETOKENIZE, token_ids=list(token_ids), **_given(model=model))["text"]
 
     # ---- processes ----------------------------------------------------------------------
     def spawn(self, argv, name: str | None = None, nice: int | None = None,
@@ -186,10 +194,13 @@ class Kernel:
         self._call(Sys.NICE, value=value, **({} if pid is None else {"pid": pid}))
 
     def exit(self, status: int = 0) -> None:
-        """Tell the kernel this process exits with status, then close the connection.
-        The program itself should exit next (e.g. sys.exit(status))."""
-        if self._leave is not None:
-            self._leave.detach()
+        """Leave the kernel, then close the connection; the program itself should exit next
+        (e.g. sys.exit(status)). An attached program tells the kernel its status here; a
+        spawned one's status is what its OS process exits with (the kernel sees it)."""
+        if self._leave is None:                 # spawned: the OS reports our exit
+            self.close()
+            return
+        self._leave.detach()
         try:
             self._call(Sys.EXIT, status=status)
         except KernelDead:

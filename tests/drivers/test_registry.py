@@ -1,7 +1,6 @@
 """The driver registry: entry points, LLMOS_DRIVERS, refusal of broken plugins, the sim
 plugin installed from examples/llmos-driver-sim, and `llmos drivers`."""
-import os
-import re
+import json
 import subprocess
 import sys
 from importlib.metadata import EntryPoint, entry_points
@@ -194,12 +193,12 @@ def test_engine_on_too_small_sim_says_so(checkpoint_factory, monkeypatch):
 
 
 def test_llmos_drivers_command_lists_cpu_and_sim():
-    out = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "drivers"],
-                         capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "COLUMNS": "200"})
+    out = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "drivers", "--json"],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    rows = [re.split(r"[│|]", line) for line in out.stdout.splitlines()]  # ASCII box if not UTF-8
-    lines = {cells[1].strip(): line for cells, line in zip(rows, out.stdout.splitlines())
-             if len(cells) > 3}
-    assert "available" in lines["cpu"] and "available" in lines["sim"]
-    assert "auto: " in out.stdout
+    rows = {d["name"]: d for d in json.loads(out.stdout)}
+    assert rows["cpu"]["available"] and rows["sim"]["available"]
+    assert sum(d["auto"] for d in rows.values()) == 1
+    text = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "drivers"],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "cpu" in text and "sim" in text and "auto" in text

@@ -13,11 +13,10 @@ import time
 import pytest
 
 from llmos.kernel import Engine
-from llmos.kernel.kernel import Kernel
+from llmos.kernel.kernel import Supervisor
 from llmos.kernel.syscall import Call, ConnState, SyscallTable, install
 from llmos.syscalls import Sys, wire
 from llmos.syscalls.home import Home
-from llmos.syscalls.specs import SPECS
 from llmos.syscalls.types import ProcState
 
 TOKEN = "owner-token"
@@ -77,7 +76,7 @@ def engine():
 def k(tmp_path, engine):
     home = Home(tmp_path / "home")
     home.log_dir.mkdir(parents=True)
-    kern = Kernel(home, engine, "tiny", TOKEN)
+    kern = Supervisor(home, engine, "tiny", TOKEN)
     kern.tokenizers = ManualPool()
     kern.outbox = Outbox()
     yield kern

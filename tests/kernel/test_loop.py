@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from llmos.kernel import Engine
-from llmos.kernel.kernel import Kernel
+from llmos.kernel.kernel import Supervisor
 from llmos.syscalls import Sys
 from llmos.syscalls.home import Home
 from llmos.syscalls.types import ProcState
@@ -18,7 +18,7 @@ def kernel(tmp_path, checkpoints):
     engine = Engine.from_pretrained(str(checkpoints["llama"]), num_blocks=64, poison=True)
     home = Home(tmp_path / "home")
     home.log_dir.mkdir(parents=True)
-    k = Kernel(home, engine, "llama", TOKEN)
+    k = Supervisor(home, engine, "llama", TOKEN)
     k.outbox = Outbox()
     k.loop.start()
     yield k
@@ -65,6 +65,7 @@ def test_a_crash_is_fatal_and_fails_what_is_queued(kernel):
     assert kernel.outbox.reply(c.peer, later, T)[1][0] == "ECANCELED"
     assert "broken invariant" in kernel.outbox.reply(c.peer, later, T)[1][1]
     del first                     # in the engine when it broke: the server's close answers it
-    call(kernel, c, Sys.EXIT, status=0)         # a death is still released, not left hanging
-    assert kernel.procs.get(c.pid).waitable
-    assert kernel.procs.get(c.pid).state is ProcState.ZOMBIE
+    child = kernel.procs.attach("child", parent=c.pid)
+    kernel.procs.detach(child.pid, 5)           # a death is still released, not left hanging
+    assert kernel.procs.get(child.pid).waitable
+    assert kernel.procs.get(child.pid).state is ProcState.ZOMBIE

@@ -8,7 +8,6 @@ import pytest
 import zmq
 
 from llmos.kernel.server import Server, check_endpoint, hard_cap
-from llmos.kernel.syscall import SyscallTable
 from llmos.syscalls import Connection, Sys, SyscallError, wire
 from tests.syscalls.conftest import TOKEN, Raw, wait_for
 from tests.syscalls.test_args import BAD

@@ -1,110 +1,248 @@
-"""The client commands of `llmos` and the example agents, as real subprocesses, on a stub kernel."""
+"""The client commands of `llmos` and the example agents, as real subprocesses, against a
+real kernel on the embedded tiny model (one per module)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from llmos.syscalls.home import Home
+from llmos.syscalls.types import KVInfo, ModelInfo, ProcInfo, SyscallInfo, SysInfo
+from llmos.userland import connect
 from tests.userland.conftest import ROOT
-
-TIMEOUT = 60
-
-
-def llmos(home, *args, timeout=TIMEOUT) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
-    env["LLMOS_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "llmos.userland.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from tests.userland.test_cli_kernel import T, llmos
 
 
-def test_client_commands_do_not_import_torch(stub_home):
+def fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def spawned(home, *args) -> int:
+    """`llmos run -d ARGS`: the pid."""
+    run = llmos(home, "run", "-d", *args)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout)
+
+
+def eventually(check, what: str):
+    """check()'s first truthy value, polling for up to T seconds."""
+    deadline = time.monotonic() + T
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {T}s: {what}")
+
+
+def test_client_commands_do_not_import_torch(kernel_home):
     code = ("import sys\nfrom click.testing import CliRunner\nfrom llmos.userland.cli import main\n"
-            f"for args in (['ps', '--help'], ['ps', '--home', {stub_home!r}], ['mem'], ['models']):\n"
-            f"    r = CliRunner().invoke(main, args, env={{'LLMOS_HOME': {stub_home!r}}})\n"
+            f"for args in (['ps', '--help'], ['ps', '--home', {kernel_home!r}], ['mem'],\n"
+            "             ['models'], ['sysinfo', '--json'], ['syscalls']):\n"
+            f"    r = CliRunner().invoke(main, args, env={{'LLMOS_HOME': {kernel_home!r}}})\n"
             "    assert r.exit_code == 0, r.output\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "assert not any(m.startswith('llmos.kernel') for m in sys.modules)\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=TIMEOUT)
+                         timeout=T)
     assert run.returncode == 0, run.stderr
 
 
-def test_run_follows_the_output_and_exits_with_the_status(stub_home):
-    run = llmos(stub_home, "run", "sh", "-c", "echo out; echo err >&2; exit 7")
+# ---- listings ----------------------------------------------------------------------------
+
+def test_every_listing_has_json_with_the_fields_of_its_record(kernel_home):
+    pid = spawned(kernel_home, "--name", "json-sleeper", "sleep", "30")
+    try:
+        ps = json.loads(llmos(kernel_home, "ps", "--json").stdout)
+        assert isinstance(ps, list) and all(set(p) == fields(ProcInfo) for p in ps)
+        row = next(p for p in ps if p["pid"] == pid)
+        assert row["name"] == "json-sleeper" and row["state"] == "sleeping"
+        mem = json.loads(llmos(kernel_home, "mem", "--json").stdout)
+        assert set(mem) == {"kv", "procs"} and set(mem["kv"]) == fields(KVInfo)
+        assert mem["kv"]["total"] > 0 and mem["kv"]["block_size"] > 0
+        models = json.loads(llmos(kernel_home, "models", "--json").stdout)
+        assert [m["name"] for m in models] == ["tiny"] and set(models[0]) == fields(ModelInfo)
+        info = json.loads(llmos(kernel_home, "sysinfo", "--json").stdout)
+        assert set(info) == fields(SysInfo) and info["model"] == "tiny"
+        table = json.loads(llmos(kernel_home, "syscalls", "--json").stdout)
+        assert all(set(s) == fields(SyscallInfo) for s in table)
+        assert {"ps", "wait", "generate"} <= {s["name"] for s in table}
+    finally:
+        llmos(kernel_home, "kill", "-s", "KILL", str(pid))
+
+
+def test_ps_through_a_pipe_shows_a_long_name_whole(kernel_home):
+    name = "a-process-with-a-name-sixty-characters-long-for-ps-" + "x" * 9
+    assert len(name) == 60
+    pid = spawned(kernel_home, "--name", name, "sleep", "30")
+    try:
+        ps = llmos(kernel_home, "ps")
+        assert ps.returncode == 0
+        header, *rows = ps.stdout.splitlines()
+        assert header.split() == ["PID", "PPID", "STATE", "NI", "KV", "CALLS", "CTX", "TOK_IN",
+                                  "TOK_OUT", "CPU%", "RSS", "AGE", "OS_PID", "NAME"]
+        row = next(r for r in rows if r.split()[0] == str(pid))
+        assert row[header.index("NAME"):] == name and row.split()[2] == "sleeping"
+    finally:
+        llmos(kernel_home, "kill", "-s", "KILL", str(pid))
+
+
+def test_mem_models_sysinfo_as_columns(kernel_home):
+    mem = llmos(kernel_home, "mem")
+    assert mem.returncode == 0 and "KV memory in blocks of" in mem.stdout
+    assert [line.split()[0] for line in mem.stdout.splitlines()[2:8]] == [
+        "total", "used", "cached", "free", "swap_total", "swap_free"]
+    models = llmos(kernel_home, "models")
+    assert models.returncode == 0
+    assert models.stdout.splitlines()[1].split()[:2] == ["tiny", "llama"]
+    assert models.stdout.rstrip().endswith(os.path.join("tiny", "model"))      # path whole
+    info = llmos(kernel_home, "sysinfo")
+    rows = dict(line.split(None, 1) for line in info.stdout.splitlines()[1:])
+    assert rows["model"] == "tiny" and rows["driver"] == "cpu"
+
+
+def test_syscalls_lists_the_table(kernel_home):
+    run = llmos(kernel_home, "syscalls")
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[1]: line for line in run.stdout.splitlines()[1:]}
+    assert rows["wait"].split()[0] == "6" and "pid:int [timeout:float]" in rows["wait"]
+    assert "one of prompt|messages|token_ids" in rows["generate"]
+    assert all(line.split()[2] in ("yes", "no") for line in rows.values())
+
+
+# ---- run, wait, logs, kill ---------------------------------------------------------------
+
+def test_run_follows_the_output_and_exits_with_the_status(kernel_home):
+    run = llmos(kernel_home, "run", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert run.returncode == 7
     assert run.stdout == "out\nerr\n"
 
 
-def test_run_a_module_agent(stub_home):
-    run = llmos(stub_home, "run", "-m", "llmos.userland.examples.hello", "64+89=")
+def test_run_a_module_agent(kernel_home):
+    run = llmos(kernel_home, "run", "-m", "llmos.userland.examples.hello", "64+89=")
     assert run.returncode == 0, run.stderr
     assert "64+89=153" in run.stdout
 
 
-def test_run_a_script_file(stub_home, tmp_path):
+def test_run_a_script_file(kernel_home, tmp_path):
     script = tmp_path / "agent.py"
-    script.write_text("from llmos.userland import connect\nprint(connect().generate('1+2=').text)\n")
-    run = llmos(stub_home, "run", str(script))
-    assert (run.returncode, run.stdout) == (0, "3\n"), run.stderr
+    script.write_text("from llmos.userland import connect\n"
+                      "print(connect().generate('12+47=', max_tokens=8, stop='\\n').text)\n")
+    run = llmos(kernel_home, "run", str(script))
+    assert (run.returncode, run.stdout) == (0, "59\n"), run.stderr
 
 
-def test_detached_run_ps_logs_kill(stub_home):
-    run = llmos(stub_home, "run", "-d", "--name", "sleeper", "sh", "-c", "echo started; exec sleep 60")
-    assert run.returncode == 0, run.stderr
-    pid = int(run.stdout)
-    ps = llmos(stub_home, "ps")
-    assert ps.returncode == 0 and "sleeper" in ps.stdout and "PID" in ps.stdout
-    for _ in range(50):
-        logs = llmos(stub_home, "logs", str(pid))
-        if logs.stdout:
-            break
-    assert logs.stdout == "started\n"
-    assert llmos(stub_home, "kill", "-s", "KILL", str(pid)).returncode == 0
+def test_wait_from_a_second_call_prints_the_status_and_exits_with_it(kernel_home):
+    pid = spawned(kernel_home, "sh", "-c", "exit 7")
+    wait = llmos(kernel_home, "wait", str(pid))
+    assert (wait.returncode, wait.stdout) == (7, "7\n"), wait.stderr
+    killed = spawned(kernel_home, "sleep", "30")
+    assert llmos(kernel_home, "kill", "-s", "KILL", str(killed)).returncode == 0
+    wait = llmos(kernel_home, "wait", str(killed))
+    assert (wait.returncode, wait.stdout) == (128 + 9, "-9\n")
+    again = llmos(kernel_home, "wait", str(pid))             # collected: gone
+    assert again.returncode == 1 and "ESRCH" in again.stderr
 
 
-def test_logs_follow_ends_with_the_process(stub_home):
-    pid = int(llmos(stub_home, "run", "-d", "sh", "-c", "echo a; sleep 1; echo b").stdout)
-    follow = llmos(stub_home, "logs", "-f", str(pid))
+def test_wait_with_a_timeout_on_a_running_process(kernel_home):
+    pid = spawned(kernel_home, "sleep", "30")
+    try:
+        wait = llmos(kernel_home, "wait", "--timeout", "0.2", str(pid))
+        assert wait.returncode == 1 and wait.stdout == ""
+        assert f"pid {pid} is still running after 0.2s" in wait.stderr
+    finally:
+        llmos(kernel_home, "kill", "-s", "KILL", str(pid))
+
+
+def test_ctrl_c_on_run_interrupts_the_agent_and_exits_130(kernel_home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
+    env["LLMOS_HOME"] = kernel_home
+    agent = "import time; print('up', flush=True); time.sleep(60)"
+    cli = subprocess.Popen([sys.executable, "-m", "llmos.userland.cli", "run", "--name",
+                            "ctrl-c-agent", sys.executable, "-c", agent], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with connect(kernel_home, timeout=T) as k:
+            pid = eventually(lambda: next((p.pid for p in k.ps() if p.name == "ctrl-c-agent"),
+                                          None), "the agent runs")
+            log = Home(kernel_home).proc_log(pid)
+            eventually(lambda: log.exists() and log.read_text() == "up\n", "the agent is up")
+            cli.send_signal(signal.SIGINT)
+            out, err = cli.communicate(timeout=T)
+            assert cli.returncode == 130, err
+            assert out.startswith("up\n") and f"sending INT to pid {pid}" in err
+            assert pid not in {p.pid for p in k.ps()}          # collected by `llmos run`
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate(timeout=T)
+
+
+def test_the_log_of_a_finished_agent_stays_intact(kernel_home):
+    lines = "".join(f"line {i}\n" for i in range(200))
+    pid = spawned(kernel_home, "sh", "-c", "for i in $(seq 0 199); do echo line $i; done")
+    assert llmos(kernel_home, "wait", str(pid)).returncode == 0
+    assert llmos(kernel_home, "logs", str(pid)).stdout == lines
+    later = [spawned(kernel_home, "sh", "-c", "echo later") for _ in range(3)]
+    assert pid not in later                                    # pids are not reused
+    for p in later:
+        llmos(kernel_home, "wait", str(p))
+    assert llmos(kernel_home, "logs", str(pid)).stdout == lines
+    assert Home(kernel_home).proc_log(pid).read_text() == lines
+
+
+def test_detached_run_ps_logs_kill(kernel_home):
+    pid = spawned(kernel_home, "--name", "sleeper", "sh", "-c", "echo started; exec sleep 60")
+    ps = llmos(kernel_home, "ps")
+    assert ps.returncode == 0 and "sleeper" in ps.stdout
+    eventually(lambda: llmos(kernel_home, "logs", str(pid)).stdout == "started\n", "the log")
+    assert llmos(kernel_home, "kill", "-s", "sigkill", str(pid)).returncode == 0
+    assert llmos(kernel_home, "wait", str(pid)).returncode == 128 + 9
+
+
+def test_logs_follow_ends_with_the_process(kernel_home):
+    pid = spawned(kernel_home, "sh", "-c", "echo a; sleep 1; echo b")
+    follow = llmos(kernel_home, "logs", "-f", str(pid))
     assert follow.returncode == 0 and follow.stdout == "a\nb\n"
-
-
-def test_mem_and_models(stub_home):
-    mem = llmos(stub_home, "mem")
-    assert mem.returncode == 0 and "total" in mem.stdout and "1024" in mem.stdout
-    models = llmos(stub_home, "models")
-    assert models.returncode == 0 and "tiny" in models.stdout
 
 
 @pytest.mark.parametrize("args, message", [
     (["kill", "99999"], "ESRCH"),
     (["kill", "-s", "HUP", "1"], "EINVAL"),
-    (["wait", "1"], "ECHILD"),
+    (["wait", "99999"], "ESRCH"),
     (["logs", "99999"], "no log for pid 99999"),
 ])
-def test_errors_are_one_line(stub_home, args, message):
-    run = llmos(stub_home, *args)
+def test_errors_are_one_line(kernel_home, args, message):
+    run = llmos(kernel_home, *args)
     assert run.returncode == 1
     assert message in run.stderr and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args", [["ps"], ["run", "true"], ["mem"], ["models"], ["kill", "1"],
-                                  ["wait", "1"]])
+@pytest.mark.parametrize("args", [["ps"], ["run", "true"], ["mem"], ["models"], ["sysinfo"],
+                                  ["syscalls"], ["kill", "1"], ["wait", "1"]])
 def test_no_kernel_is_a_clear_error(tmp_path, args):
     run = llmos(tmp_path, *args)
     assert run.returncode == 1
     assert "llmos up" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_parallel_example_collects_every_worker(stub_home):
-    run = llmos(stub_home, "run", "-m", "llmos.userland.examples.parallel", "-n", "4")
+# ---- the example agents ------------------------------------------------------------------
+
+def test_parallel_example_collects_every_worker(kernel_home):
+    run = llmos(kernel_home, "run", "-m", "llmos.userland.examples.parallel", "-n", "4")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "-> 59" in run.stdout and "-> t a c" in run.stdout and run.stdout.count("status 0") == 4
 
 
-def test_chat_example_computes_only_new_tokens(stub_home):
-    run = llmos(stub_home, "run", "-m", "llmos.userland.examples.chat")
-    assert run.returncode == 0, run.stderr
+def test_chat_example_computes_only_new_tokens(kernel_home):
+    run = llmos(kernel_home, "run", "-m", "llmos.userland.examples.chat")
+    assert run.returncode == 0, run.stdout + run.stderr
     assert "tiny: 59" in run.stdout and "tiny: t a c" in run.stdout
     assert run.stdout.count("cached") == 2

@@ -1,0 +1,147 @@
+"""How `llmos` shows its listings: plain aligned columns, or one JSON document (--json).
+
+A column is as wide as its widest cell and is never cut: a long line runs long, in a
+terminal and in a pipe alike. The column whose cells vary most in width (a name, a
+path, a reason) comes last, so a long value never pushes the others out of line.
+Empty cells show as "-". Nothing here talks to the kernel or imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+
+from llmos.syscalls.types import to_wire
+
+JSON_HELP = "Print one JSON document instead of columns."
+
+
+def json_option(fn):
+    """Add --json (as the `as_json` argument) to a listing command."""
+    return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(fn)
+
+
+def to_json(data) -> str:
+    """data (syscall result records, or plain data) as one JSON document."""
+    return json.dumps(to_wire(data), indent=2)
+
+
+def columns(header: list[str], rows: list[list], left: tuple[str, ...] = ()) -> str:
+    """header and rows as aligned text: the `left` columns left-aligned, the others (numbers)
+    right-aligned. None or empty cells show as "-"; lines have no trailing spaces."""
+    cells = [list(header)] + [["-" if c is None or c == "" else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    aligned = [[c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(r, widths, header)]
+               for r in cells]
+    return "\n".join("  ".join(r).rstrip() for r in aligned)
+
+
+# ---- ps ------------------------------------------------------------------------------
+
+PS_HEADER = ["PID", "PPID", "STATE", "NI", "KV", "CALLS", "CTX", "TOK_IN", "TOK_OUT",
+             "CPU%", "RSS", "AGE", "OS_PID", "NAME"]
+
+
+def ps_text(procs) -> str:
+    """The ps listing of ProcInfo rows (also the live table of `llmos demo`)."""
+    rows = [[p.pid, p.ppid, p.state.value, p.nice, p.kv_blocks, p.calls, p.contexts,
+             p.tokens_in, p.tokens_out, f"{p.cpu_percent:.1f}", size(p.rss),
+             duration(p.age), p.os_pid, p.name] for p in procs]
+    return columns(PS_HEADER, rows, left=("STATE", "NAME"))
+
+
+# ---- mem -----------------------------------------------------------------------------
+
+def mem_text(info) -> str:
+    """The KV pool (blocks and tokens), then the blocks each process holds."""
+    kv, bs = info.kv, info.kv.block_size
+    pool = [[key, n, n * bs] for key, n in (
+        ("total", kv.total), ("used", kv.used), ("cached", kv.cached), ("free", kv.free),
+        ("swap_total", kv.swap_total), ("swap_free", kv.swap_free))]
+    text = f"KV memory in blocks of {bs} tokens\n"
+    text += columns(["POOL", "BLOCKS", "TOKENS"], pool, left=("POOL",))
+    if info.procs:
+        per = [[pid, n, n * bs] for pid, n in sorted(info.procs.items())]
+        text += "\n\n" + columns(["PID", "KV", "TOKENS"], per)
+    return text
+
+
+# ---- models, sysinfo, syscalls -------------------------------------------------------
+
+MODEL_HEADER = ["NAME", "TYPE", "LAYERS", "HIDDEN", "HEADS", "KV_HEADS", "VOCAB", "DTYPE",
+                "MAX_LEN", "PATH"]
+
+
+def models_text(models) -> str:
+    rows = [[m.name, m.model_type, m.layers, m.hidden, m.heads, m.kv_heads, m.vocab, m.dtype,
+             m.max_len, m.path] for m in models]
+    return columns(MODEL_HEADER, rows, left=("NAME", "TYPE", "DTYPE", "PATH"))
+
+
+def sysinfo_text(info) -> str:
+    """One line per field of SysInfo (uptime as a duration)."""
+    rows = [[f.name, getattr(info, f.name)] for f in dataclasses.fields(info)]
+    rows = [[k, duration(v) if k == "uptime" else v] for k, v in rows]
+    return columns(["FIELD", "VALUE"], rows, left=("FIELD", "VALUE"))
+
+
+def syscalls_text(entries) -> str:
+    rows = [[s.nr, s.name, "yes" if s.implemented else "no", args_summary(s)] for s in entries]
+    return columns(["NR", "NAME", "IMPL", "ARGS"], rows, left=("NAME", "IMPL", "ARGS"))
+
+
+def args_summary(s) -> str:
+    """A syscall's arguments on one line, brackets marking the optional ones, then its
+    rules: `pid:int [timeout:float]`, `[prompt:str] [messages:messages]; one of prompt|messages`."""
+    args = " ".join(f"{name}:{_kind(spec)}" if spec.get("required") else f"[{name}:{_kind(spec)}]"
+                    for name, spec in s.args.items())
+    rules = ([f"one of {'|'.join(group)}" for group in s.one_of]
+             + [f"at most one of {'|'.join(group)}" for group in s.at_most_one])
+    return "; ".join(part for part in [args, *rules] if part)
+
+
+def _kind(spec: dict) -> str:
+    """An argument's type, with its items' type for a list or map: `list[str]`."""
+    of = spec.get("of")
+    return f"{spec.get('type', '?')}[{of.get('type', '?')}]" if isinstance(of, dict) \
+        else spec.get("type", "?")
+
+
+# ---- drivers -------------------------------------------------------------------------
+
+def drivers_text(infos, auto: str) -> str:
+    """The drivers registry: status, device, memory, priority, and why one is not usable."""
+    rows = []
+    for d in infos:
+        status = "load-error" if d.load_error else "available" if d.available else "unavailable"
+        memory = f"{size(d.memory[0])}/{size(d.memory[1])}" if d.memory else None
+        rows.append([d.name, status, d.device, memory,
+                     None if d.load_error else d.priority, d.reason])
+    table = columns(["DRIVER", "STATUS", "DEVICE", "FREE/TOTAL", "PRIO", "REASON"], rows,
+                    left=("DRIVER", "STATUS", "DEVICE", "REASON"))
+    return f"{table}\nauto: {auto}"
+
+
+# ---- units ---------------------------------------------------------------------------
+
+def size(n) -> str | None:
+    """Bytes as 1.5G, 300.0M, 12.0K or 10B; None (shown "-") when unknown or zero."""
+    if not n:
+        return None
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"
+
+
+def duration(s) -> str | None:
+    """Seconds as 42s, 3m07s or 2h05m."""
+    if s is None:
+        return None
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
