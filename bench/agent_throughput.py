@@ -86,7 +86,9 @@ def through_kernel(work: list[list[int]], new_tokens: int) -> float:
             if any(statuses):
                 raise SystemExit(f"agents failed: {statuses}")
             spans = [json.loads(_log(k, p).splitlines()[-1]) for p in pids]
-            console.print(f"  kernel engine: {k.sysinfo()['engine']}")
+            info = k.sysinfo()
+            console.print(f"  kernel engine: {info.steps} steps, {info.computed_tokens} tokens "
+                          f"computed, {info.generated_tokens} generated")
     finally:
         kernel.terminate()
         kernel.wait(60)

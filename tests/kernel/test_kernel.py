@@ -80,7 +80,9 @@ def k(tmp_path, engine):
     kern.tokenizers = ManualPool()
     kern.outbox = Outbox()
     yield kern
+    kern.loop.start()                          # so the deaths of shutdown are released
     kern.procs.shutdown(grace=1)
+    kern.loop.stop()
     kern.close()
     for rid in list(engine.requests):          # the engine is shared by the module
         engine.abort(rid)
