@@ -1,0 +1,128 @@
+"""`llmos up` and `llmos down`: start a kernel on a home (in the foreground, or detached
+and awaited) and stop it. `llmos demo` launches its kernel the same way."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import click
+
+DRIVER_HELP = 'cpu, cuda, an installed plugin, or "auto" (the best available); see `llmos drivers`.'
+BOOT_TIMEOUT = 120.0      # seconds `up -d` and `demo` wait for a kernel to answer
+
+
+@click.command()
+@click.option("--home", default=None, help="Kernel home (default $LLMOS_HOME or ~/.llmos).")
+@click.option("--model", "-m", default="tiny", show_default=True,
+              help='Model directory in Hugging Face format, or "tiny" (embedded).')
+@click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
+@click.option("--kv-memory", default=None,
+              help="KV pool size, e.g. 512M (default: a share of free memory).")
+@click.option("-d", "--detach", is_flag=True,
+              help="Run in the background (output in HOME/log/kernel.out); return once it answers.")
+def up(home, model, driver, kv_memory, detach) -> None:
+    """Boot the kernel on MODEL (in the foreground unless -d). Refuses a home whose
+    kernel is running."""
+    from llmos.syscalls.home import Home
+    h = Home(home)
+    pid = h.running_pid()
+    if pid is not None:
+        raise click.ClickException(f"a kernel is already running on {h.path} (pid {pid}); "
+                                   f"`llmos down --home {h.path}` stops it")
+    argv = kernel_argv(h, model, driver, kv_memory)
+    if not detach:
+        sys.stdout.flush()
+        os.execv(argv[0], argv)          # this process becomes the kernel: signals reach it
+    kernel, since = launch(h, argv)
+    await_kernel(h, kernel, since)
+    click.echo(f"llmos kernel {kernel.pid} listening on {h.socket_url}")
+
+
+def kernel_argv(h, model, driver, kv_memory) -> list[str]:
+    argv = [sys.executable, "-m", "llmos.kernel", "--home", str(h.path), "--model", model,
+            "--driver", driver]
+    return argv + (["--kv-memory", kv_memory] if kv_memory else [])
+
+
+def launch(h, argv) -> tuple[subprocess.Popen, int]:
+    """Start the kernel argv in a session of its own, its stdout and stderr appended to
+    HOME/log/kernel.out; returns the process and the offset where its output starts."""
+    h.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    h.log_dir.mkdir(mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(h.kernel_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+    except OSError as e:       # ELOOP: a symlink planted there
+        raise click.ClickException(f"cannot open {h.kernel_out}: {e.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)   # also a kernel.out made before llmos made it private
+        since = os.lseek(fd, 0, os.SEEK_END)
+        kernel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                  start_new_session=True)
+    finally:
+        os.close(fd)
+    return kernel, since
+
+
+def await_kernel(h, kernel, since: int, timeout: float = BOOT_TIMEOUT) -> None:
+    """Return once `kernel` holds the home and answers a ping (never another kernel).
+    If it exits first, print what it wrote to kernel.out since `since` and fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if kernel.poll() is not None:
+            click.echo(_kernel_output(h, since), err=True, nl=False)
+            raise click.ClickException(f"the kernel exited with status {kernel.returncode} "
+                                       f"before it answered (its output: {h.kernel_out})")
+        if h.running_pid() == kernel.pid and _answers(h):
+            return
+        time.sleep(0.1)
+    raise click.ClickException(f"kernel {kernel.pid} did not answer within {timeout:.0f}s; "
+                               f"it may still be booting (its output: {h.kernel_out})")
+
+
+def _kernel_output(h, since: int) -> str:
+    """What the kernel wrote to kernel.out from offset since."""
+    try:
+        fd = os.open(h.kernel_out, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace")
+
+
+def _answers(h) -> bool:
+    """The kernel on h's socket answers a ping."""
+    from llmos.syscalls import Connection, KernelDead, Sys, SyscallError
+    if not h.socket_path.exists():
+        return False
+    try:
+        with Connection(h.socket_url, timeout=2, dead_after=2) as c:
+            c.call(Sys.PING)
+        return True
+    except (KernelDead, SyscallError):
+        return False
+
+
+@click.command()
+@click.option("--home", default=None, help="Kernel home (default $LLMOS_HOME or ~/.llmos).")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds to wait for the kernel to stop.")
+def down(home, timeout) -> None:
+    """Shut the kernel down (SIGTERM): calls in flight fail, children are terminated."""
+    import signal
+
+    from llmos.syscalls.home import Home
+    h = Home(home)
+    pid = h.running_pid()
+    if pid is None:
+        raise click.ClickException(f"no kernel is running on {h.path}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while h.running_pid() is not None:
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"kernel {pid} still running after {timeout:.0f}s")
+        time.sleep(0.05)
+    click.echo(f"llmos kernel {pid} stopped")
