@@ -27,12 +27,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
+
 from llmos.syscalls.errors import E2BIG, EACCES, EINVAL, ENOENT, ESRCH, SyscallError
 from llmos.syscalls.types import Completion, Hello, ProcInfo, ProcState, WaitStatus
 
 from . import inbox as cmd
 from . import tunables
 from .loop import EngineLoop
+from .peers import peer_credentials
 from .proc import ProcTable, first_free_pid
 from .sampler import Sampler
 from .timers import Timers
@@ -72,6 +75,7 @@ class Supervisor:
             raise SyscallError(EINVAL, f"hello: this connection is already process {conn.pid}")
         # bytes: compare_digest refuses str with non-ASCII characters (TypeError)
         if hmac.compare_digest(token.encode(), self._owner_token):
+            self._check_owner(conn)
             proc, conn.owner = self.procs.attach("attached"), True
         else:
             proc = self.procs.by_token(token)
@@ -79,6 +83,31 @@ class Supervisor:
                 raise SyscallError(EACCES, "hello: wrong token")
         conn.pid = proc.pid
         return Hello(proc.pid, proc.ppid, os.getpid(), 1, conn.owner)
+
+    def _check_owner(self, conn) -> None:
+        """The owner's token counts only from the owner: on a unix socket the peer must run
+        as our uid (or root) and must not be one of our agents or their descendants, who
+        run as our uid and could read the token from the home. Raises EACCES."""
+        cred = peer_credentials(conn.fd)
+        if cred is None:                       # tcp: the token (and CURVE) must do
+            return
+        pid, uid = cred
+        if uid not in (os.getuid(), 0):
+            raise SyscallError(EACCES, f"hello: uid {uid} is not the kernel's owner")
+        try:
+            ancestors = {p.pid for p in psutil.Process(pid).parents()}
+        except psutil.Error:                   # gone already: nobody to answer
+            raise SyscallError(EACCES, "hello: the peer process is gone") from None
+        if os.getpid() in ancestors:
+            log.warning("hello refused: os pid %d, a descendant of the kernel, used the "
+                        "owner's token", pid)
+            raise SyscallError(EACCES, "hello: an agent may not use the owner's token; "
+                                       "it acts with its own (LLMOS_TOKEN)")
+
+    def check_caller(self, conn) -> None:
+        """Before every call after hello: the connection's process must be alive (a dead
+        agent's connection acts for nobody). Raises ESRCH."""
+        self.procs.live(conn.pid)
 
     def spawn(self, caller: int, argv: list, name=None, nice=None, env=None) -> int:
         return self.procs.spawn(argv, name=name, nice=nice or 0, parent=caller, env_extra=env,
@@ -141,8 +170,31 @@ class Supervisor:
                 log.info("pid %d: silent for %.0fs, reaped", proc.pid, timeout)
         self.timers.every(timeout / 3, check)
 
-    def ps(self) -> list[ProcInfo]:
-        """The process table, with the engine's latest view of who runs."""
+    def visible(self, caller: int, owner: bool) -> list:
+        """The rows caller may see: all for the owner; else its own process tree (the
+        processes that share its tree root, see tree_root)."""
+        with self.procs.lock:
+            rows = self.procs.procs()
+            if owner:
+                return rows
+            root = self.tree_root(caller)
+            return [p for p in rows if self.tree_root(p.pid) == root]
+
+    def tree_root(self, pid: int) -> int:
+        """The root of pid's process tree: its highest ancestor that was spawned (not
+        attached) below an attached program or the kernel. Processes of one tree share
+        cached prefixes and see each other in ps; an attached program is a tree of its own."""
+        with self.procs.lock:
+            p = self.procs.get(pid)
+            while p.ppid and not p.attached:
+                parent = self.procs.get(p.ppid)
+                if parent.attached:
+                    break
+                p = parent
+            return p.pid
+
+    def ps(self, caller: int, owner: bool) -> list[ProcInfo]:
+        """The process table as caller may see it, with the engine's latest view of who runs."""
         snap, now = self.loop.snapshot, time.monotonic()
         with self.procs.lock:
             return [ProcInfo(pid=p.pid, ppid=p.ppid, name=p.name, state=self._state(p, snap),
@@ -151,7 +203,7 @@ class Supervisor:
                              tokens_in=p.tokens_in, tokens_out=p.tokens_out,
                              cpu_percent=p.cpu_percent, rss=p.rss, age=now - p.started_mono,
                              os_pid=p.os_pid, exit_status=p.exit_status)
-                    for p in self.procs.procs()]
+                    for p in self.visible(caller, owner)]
 
     @staticmethod
     def _state(p, snap) -> ProcState:
@@ -186,7 +238,7 @@ class Supervisor:
                     return
                 self.loop.put(cmd.Add(rid, proc, call, key, tokens, chat, sampling, ctx,
                                       a["stream"], proc.state is ProcState.STOPPED,
-                                      self._salt(proc)))
+                                      self._salt(proc, a["share"])))
 
         def undo(err: SyscallError) -> None:
             with self.procs.lock:
@@ -210,9 +262,13 @@ class Supervisor:
                 raise SyscallError(ESRCH, f"call: no generate {call_id} in flight")
             self.loop.put(cmd.Abort(rid))
 
-    def _salt(self, proc) -> bytes:
-        """Prefix-cache salt: processes of one owner (uid) share cached prefixes, owners don't."""
-        return b"uid:%d" % proc.owner
+    def _salt(self, proc, share: str | None) -> bytes:
+        """Prefix-cache salt: the processes of one tree (tree_root) share cached prefixes,
+        others do not, so a cache hit tells nobody what another application computed;
+        `share` names a group that processes of one user join explicitly instead."""
+        if share is not None:
+            return b"share:%d:" % proc.owner + share.encode()
+        return b"tree:%d" % self.tree_root(proc.pid)
 
     def _encode(self, prompt, messages, reply: bool, then, fail) -> None:
         """Token ids of a prompt or chat messages, then(tokens); fail(SyscallError). Short
@@ -252,7 +308,8 @@ class Supervisor:
             self.tokenizers.submit(work)
 
     # ---- contexts -------------------------------------------------------------------
-    def context_create(self, call, caller: int, system=None, messages=None) -> None:
+    def context_create(self, call, caller: int, system=None, messages=None,
+                       share: str | None = None) -> None:
         if system is not None:
             messages = [{"role": "system", "content": system}]
         cid = next(self._ids)
@@ -263,7 +320,8 @@ class Supervisor:
         def queue(tokens: list) -> None:
             with self.procs.lock:
                 if cid in proc.contexts:
-                    self.loop.put(cmd.CreateContext(cid, proc, call, tokens, self._salt(proc)))
+                    self.loop.put(cmd.CreateContext(cid, proc, call, tokens,
+                                                    self._salt(proc, share)))
                 else:
                     call.error(ESRCH, f"process {caller} has exited")
 

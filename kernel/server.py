@@ -14,9 +14,11 @@ same call (wire.Coalesced: text and token ids concatenate, other keys take the n
 value), so a reader that falls behind gets fewer, larger deltas, never lost or
 reordered text, and the server holds at most one unsent delta per call.
 
-A peer that vanished (ROUTER_MANDATORY: EHOSTUNREACH on send) or stopped reading for too
-long (its queue past MAX_BACKLOG) is dropped: its calls are finished silently and
-`on_peer_gone(conn)` tells the kernel.
+A peer that vanished (its connection closed, seen by the socket monitor; or
+ROUTER_MANDATORY's EHOSTUNREACH on send) or stopped reading for too long (its queue past
+MAX_BACKLOG) is dropped: its calls are finished silently and `on_peer_gone(conn)` tells
+the kernel. Peers are bound to their connection and budgeted (kernel/peers.py); before
+hello a message may be at most MAX_GUEST_MESSAGE bytes.
 """
 from __future__ import annotations
 
@@ -30,17 +32,20 @@ from collections import deque
 import zmq
 
 from llmos.syscalls import wire
-from llmos.syscalls.errors import EAGAIN, EINVAL, WireError
+from llmos.syscalls.errors import E2BIG, EAGAIN, EINVAL, WireError
+from llmos.syscalls.numbers import Sys
 
+from .peers import PeerTable
 from .syscall import Call, ConnState, SyscallTable, shutdown_error
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
 log = logging.getLogger("llmos.syscalls")
 
 HWM = 1000                  # messages queued in zmq per peer and direction
-MAX_INFLIGHT = 1024         # calls in flight per connection, then EAGAIN
+MAX_INFLIGHT = 1024         # calls in flight per connection, then EAGAIN (but see ALWAYS)
+ALWAYS = frozenset({Sys.KILL, Sys.CANCEL, Sys.EXIT, Sys.PING})  # never refused for that cap
 MAX_BACKLOG = 4 * MAX_INFLIGHT  # unsent messages per peer before it is dropped as not reading
-MAX_CONNS = 4096            # peers remembered; past it the longest-idle one without calls goes
+MAX_GUEST_MESSAGE = 4096    # bytes of a message before hello: a hello or ping is ~100
 RECV_BATCH = 256            # requests taken per wakeup before serving the outbox again
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -84,7 +89,7 @@ class Server:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         # I/O thread only.
-        self._conns: dict[bytes, ConnState] = {}
+        self._peers = PeerTable()
         self._queues: dict[bytes, deque] = {}     # peer -> [call id, kind, data] not yet sent
         self._open_ev: dict[tuple, list] = {}     # (peer, call id) -> its unsent delta
         self._stopping = False
@@ -105,6 +110,7 @@ class Server:
             s.curve_server = True
             s.curve_secretkey = self._curve
         s.bind(self.endpoint)
+        self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         if self._ipc_path:
             os.chmod(self._ipc_path, 0o600)
         self._thread = threading.Thread(target=self._run, name="llmos-syscalls-io", daemon=True)
@@ -130,7 +136,7 @@ class Server:
 
     def connections(self) -> list[ConnState]:
         """A snapshot of the peers known now (for ps and tests)."""
-        return list(self._conns.values())
+        return list(self._peers.by_id.values())
 
     # ---- any thread -----------------------------------------------------------------
     def post(self, peer: bytes, cid, kind: str, data) -> None:
@@ -157,11 +163,14 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         try:
             while not self._stopping:
                 ready = dict(poller.poll(5 if self._queues else 1000))
                 if self._wake_r in ready:
                     self._take_wakeup()
+                if self._monitor in ready:      # before new messages: a closed connection
+                    self._take_disconnects()    # must be forgotten before its id is reused
                 if self._sock in ready:
                     self._recv_batch()
                 self._serve_outbox()
@@ -178,16 +187,28 @@ class Server:
         with self._wake_lock:
             self._wake_pending = False
 
+    def _take_disconnects(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        while self._monitor.getsockopt(_EVENTS) & _POLLIN:
+            event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            peer = self._peers.on_fd(int(event["value"]))
+            if peer is not None:
+                self._drop_peer(peer, "disconnected")
+
     def _recv_batch(self) -> None:
         sock = self._sock
         for _ in range(RECV_BATCH):
             if not sock.getsockopt(_EVENTS) & _POLLIN:   # cheaper than catching Again
                 return
-            self._handle(sock.recv_multipart(zmq.NOBLOCK))
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            self._handle(frames[0].get(zmq.SRCFD), [f.bytes for f in frames])
             self._serve_outbox()
 
-    def _handle(self, frames: list) -> None:
-        conn = self._conn(frames[0])
+    def _handle(self, fd: int | None, frames: list) -> None:
+        conn = self._peers.admit(frames[0], fd, self._drop_peer)
+        if not conn.authenticated and sum(len(f) for f in frames[1:]) > MAX_GUEST_MESSAGE:
+            msg = f"a message before hello may be at most {MAX_GUEST_MESSAGE} bytes"
+            return self._enqueue(conn.peer, None, "msg", wire.encode_error(None, E2BIG, msg))
         try:
             req = wire.decode_request(frames[1:], self.max_message)
         except WireError as e:
@@ -197,35 +218,24 @@ class Server:
         with conn.lock:
             if req.id in conn.calls:
                 clash = EINVAL, f"call id {req.id} is already in flight"
-            elif len(conn.calls) >= MAX_INFLIGHT:
+            elif len(conn.calls) >= MAX_INFLIGHT and req.nr not in ALWAYS:
                 clash = EAGAIN, f"more than {MAX_INFLIGHT} calls in flight"
+            elif req.nr == Sys.HELLO and not self._peers.may_authenticate():
+                clash = EAGAIN, "too many connections; close one and say hello again"
             else:
                 clash = None
                 conn.calls[req.id] = call
         if clash:
             return self._enqueue(conn.peer, req.id, "msg", wire.encode_error(req.id, *clash))
         self.table.dispatch(call, req.args)
-
-    def _conn(self, peer: bytes) -> ConnState:
-        conn = self._conns.get(peer)
-        if conn is None:
-            if len(self._conns) >= MAX_CONNS:
-                self._evict_idle()
-            conn = self._conns[peer] = ConnState(peer)
-        conn.last_seen = time.monotonic()
-        return conn
-
-    def _evict_idle(self) -> None:
-        idle = [c for c in self._conns.values() if not c.calls]
-        if idle:
-            victim = min(idle, key=lambda c: c.last_seen)
-            self._drop_peer(victim.peer, "forgotten (too many peers)")
+        if conn.authenticated:
+            self._peers.authenticated_now(conn)
 
     def _serve_outbox(self) -> None:
         out = self._outbox
         while out:
             peer, cid, kind, data = out.popleft()
-            if peer not in self._conns:
+            if peer not in self._peers.by_id:
                 continue
             if kind == "msg" and not self._queues and self._send_now(peer, data):
                 continue                    # fast path: nothing queued, the socket took it
@@ -290,7 +300,7 @@ class Server:
             return None
 
     def _drop_peer(self, peer: bytes, why: str) -> None:
-        conn = self._conns.pop(peer, None)
+        conn = self._peers.remove(peer)
         q = self._queues.pop(peer, ())
         for cid, _, _ in q:
             self._open_ev.pop((peer, cid), None)
@@ -300,7 +310,8 @@ class Server:
         calls = conn.in_flight()
         for call in calls:
             call.cancel_silently()
-        log.info("%s: %s; %d call(s) dropped", conn.name(), why, len(calls))
+        (log.info if conn.authenticated else log.debug)(
+            "%s: %s; %d call(s) dropped", conn.name(), why, len(calls))
         if self.on_peer_gone is not None:
             try:
                 self.on_peer_gone(conn)
@@ -309,7 +320,7 @@ class Server:
 
     def _shutdown(self) -> None:
         if self._cancel_on_close:
-            for conn in list(self._conns.values()):
+            for conn in list(self._peers.by_id.values()):
                 for call in conn.in_flight():
                     shutdown_error(call)
             deadline = time.monotonic() + 0.5
@@ -317,4 +328,6 @@ class Server:
             while self._queues and time.monotonic() < deadline:
                 time.sleep(0.005)
                 self._serve_outbox()
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=100)

@@ -41,6 +41,7 @@ class ConnState:
 
     def __init__(self, peer: bytes):
         self.peer = peer
+        self.fd: int | None = None           # the connection it came on (kernel/peers.py)
         self.authenticated = False
         self.pid: int | None = None
         self.owner = False
@@ -132,6 +133,9 @@ class SyscallTable:
 
     def __init__(self, specs=SPECS):
         self._entries = {int(nr): Entry(Sys(nr).name.lower(), spec, None) for nr, spec in specs.items()}
+        # check_caller(conn) raises SyscallError if conn's process may no longer call
+        # (it exited): set by the kernel, run before every call after hello.
+        self.check_caller: Callable | None = None
         self.register(Sys.PING, lambda call, args: {})
         self.register(Sys.SYSCALLS, lambda call, args: {"syscalls": self.describe()})
 
@@ -156,14 +160,20 @@ class SyscallTable:
         handler's result or error, or EIO for a handler's bug. Never raises."""
         e = self._entries.get(call.nr)
         if e is None or e.handler is None:
-            log.warning("%s: unknown sys call %d%s", call.conn.name(), call.nr,
-                        "" if e is None else f" ({e.name}: no handler)")
+            what = "" if e is None else f" ({e.name}: no handler)"
+            if call.conn.authenticated:
+                log.warning("%s: unknown sys call %d%s", call.conn.name(), call.nr, what)
+            else:
+                _guest_errors.note(f"unknown sys call {call.nr}")
             call.error(ENOSYS, f"no syscall {call.nr}" if e is None else f"{e.name}: not implemented")
             return
         if not call.conn.authenticated and call.nr not in OPEN_BEFORE_HELLO:
+            _guest_errors.note(f"{e.name} before hello")
             call.error(EACCES, f"{e.name}: say hello first")
             return
         try:
+            if call.conn.authenticated and self.check_caller is not None:
+                self.check_caller(call.conn)
             result = e.handler(call, e.spec.validate(args))
         except SyscallError as err:
             call.error(err.code, err.msg)
@@ -176,6 +186,27 @@ class SyscallTable:
             call.conn.authenticated = True    # hello must answer at once; no exception: accepted
         if result is not PENDING:
             call.reply(result)
+
+
+class _RateLimitedLog:
+    """Mistakes of peers that have not said hello: counted, logged at most once a minute
+    (the first one at once), so that nobody can fill the kernel log without a token."""
+    PERIOD = 60.0
+
+    def __init__(self):
+        self.count, self.logged = 0, None
+
+    def note(self, what: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.logged is None or now - self.logged >= self.PERIOD:
+            log.warning("%d call(s) refused to connections without hello%s (latest: %s)",
+                        self.count, "" if self.logged is None
+                        else f" in the last {now - self.logged:.0f}s", what)
+            self.count, self.logged = 0, now
+
+
+_guest_errors = _RateLimitedLog()
 
 
 def shutdown_error(call: Call) -> bool:
@@ -204,3 +235,4 @@ def install(table: SyscallTable, kernel) -> None:
     }
     for nr, fn in functions.items():
         table.register(nr, partial(fn, kernel))
+    table.check_caller = kernel.check_caller

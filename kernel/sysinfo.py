@@ -29,7 +29,8 @@ def sys_sysinfo(k, call, a):
 
 def sys_meminfo(k, call, a):
     snap = k.loop.snapshot
-    return MemInfo(kv=snap.kv, procs=dict(snap.blocks))
+    seen = {p.pid for p in k.visible(call.conn.pid, call.conn.owner)}
+    return MemInfo(kv=snap.kv, procs={pid: n for pid, n in snap.blocks.items() if pid in seen})
 
 
 def sys_models(k, call, a):

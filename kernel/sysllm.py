@@ -20,7 +20,7 @@ def sys_cancel(k, call, a):
 
 def sys_context_create(k, call, a):
     k.check_model(a["model"])
-    k.context_create(call, call.conn.pid, a["system"], a["messages"])
+    k.context_create(call, call.conn.pid, a["system"], a["messages"], a["share"])
     return PENDING
 
 

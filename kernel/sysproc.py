@@ -44,4 +44,4 @@ def sys_nice(k, call, a):
 
 
 def sys_ps(k, call, a):
-    return {"procs": k.ps()}
+    return {"procs": k.ps(call.conn.pid, call.conn.owner)}

@@ -17,6 +17,9 @@ _pid = dict(min=0, max=(1 << 31) - 1)
 _handle = dict(min=0, max=INT64[1])   # context and call handles are kernel-issued ints
 _nice = dict(min=-20, max=19)
 _token_ids = List(Int(min=0, max=(1 << 31) - 1), max_len=MAX_TOKENS_IN)
+# A prefix-cache share group: processes of one user that name it share cached prefixes
+# (by default only a process tree does). A short name, not a secret.
+_share = Str(64, min_len=1)
 
 SPECS: dict[Sys, Spec] = {
     Sys.PING: Spec(),
@@ -42,10 +45,11 @@ SPECS: dict[Sys, Spec] = {
         stop=List(Str(256, min_len=1), max_len=MAX_STOPS),
         stop_token_ids=List(Int(min=0, max=(1 << 31) - 1), max_len=MAX_STOPS),
         ignore_eos=Bool(), context=Int(**_handle), stream=Bool(default=False),
-        model=Str(256)),
+        model=Str(256), share=_share),
     Sys.CANCEL: Spec(call=Int(**_handle, required=True)),
     Sys.CONTEXT_CREATE: Spec(at_most_one=[("system", "messages")], system=Str(MAX_TEXT),
-                             messages=Messages(content_len=MAX_TEXT), model=Str(256)),
+                             messages=Messages(content_len=MAX_TEXT), model=Str(256),
+                             share=_share),
     Sys.CONTEXT_FORK: Spec(context=Int(**_handle, required=True)),
     Sys.CONTEXT_FREE: Spec(context=Int(**_handle, required=True)),
     Sys.CONTEXT_INFO: Spec(context=Int(**_handle, required=True)),

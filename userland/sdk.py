@@ -26,7 +26,7 @@ from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, MemInfo
 WAIT_SLACK = 5.0     # seconds the client waits past a wait(timeout=) before giving up itself
 
 _OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
-            "stop_token_ids", "ignore_eos", "model")
+            "stop_token_ids", "ignore_eos", "model", "share")
 
 
 class KernelNotRunning(KernelDead):
@@ -123,7 +123,8 @@ class Kernel:
 
         Options (omitted ones take the kernel's defaults): max_tokens, temperature, top_k,
         top_p, min_p, seed, stop (a str or list), stop_token_ids, ignore_eos, model (the
-        name of a loaded model; ENOENT names the loaded ones).
+        name of a loaded model; ENOENT names the loaded ones), share (a prefix-cache share
+        group: by default only this process's tree reuses its cached prefixes).
         Returns a Completion; with stream=True, a Stream of Delta whose `.completion` is
         set once it is exhausted.
         """
@@ -135,11 +136,11 @@ class Kernel:
         return Completion.from_wire(self._call(Sys.GENERATE, **args))
 
     def context(self, system: str | None = None, messages: list | None = None,
-                model: str | None = None) -> "Context":
+                model: str | None = None, share: str | None = None) -> "Context":
         """A new context (KV kept between calls), optionally started with a system prompt
-        or messages. Free it with close() or a `with` block."""
-        args = {k: v for k, v in (("system", system), ("messages", messages),
-                                  ("model", model)) if v is not None}
+        or messages, its prefix cached for `share` (a group name) or this process tree.
+        Free it with close() or a `with` block."""
+        args = _given(system=system, messages=messages, model=model, share=share)
         return Context(self, self._call(Sys.CONTEXT_CREATE, **args)["context"])
 
     def tokenize(self, text: str, model: str | None = None) -> list[int]:

@@ -136,11 +136,11 @@ def answer(k, c, cid):
 def test_generate_through_the_inbox_equals_the_engine(k, engine):
     c = conn(k)
     cid = call(k, c, Sys.GENERATE, prompt="12+47=", max_tokens=8)
-    assert k.ps()[0].state is ProcState.READY          # accepted: owned before the engine saw it
+    assert k.ps(0, True)[0].state is ProcState.READY          # accepted: owned before the engine saw it
     run(k)
     kind, r = answer(k, c, cid)
     assert kind == "ok" and r["text"] == "59" and r["finish_reason"] == "stop"
-    assert k.ps()[0].tokens_out == 3 and k.ps()[0].state is ProcState.SLEEPING
+    assert k.ps(0, True)[0].tokens_out == 3 and k.ps(0, True)[0].state is ProcState.SLEEPING
 
 
 def test_cancel_before_the_first_step_reaches_the_request(k, engine):
@@ -215,7 +215,7 @@ def test_exit_holding_contexts_frees_them(k, engine):
     run(k)
     assert answer(k, c, gen)[0] == "ok" and answer(k, c, fork)[0] == "ok"
     assert engine.blocks.usage()["used"] > 0 and len(engine.contexts) == 4
-    assert k.ps()[0].contexts == 4 and k.loop.snapshot.blocks[c.pid] > 0
+    assert k.ps(0, True)[0].contexts == 4 and k.loop.snapshot.blocks[c.pid] > 0
     call(k, c, Sys.EXIT, status=0)
     run(k)
     assert not engine.contexts and engine.blocks.usage()["used"] == 0
@@ -258,11 +258,11 @@ def test_stop_and_cont_pause_the_work_and_ps_shows_it(k, engine):
     engine.step()
     k.loop._published = 0.0
     k.loop._publish()
-    state = {r.pid: r.state for r in k.ps()}
+    state = {r.pid: r.state for r in k.ps(0, True)}
     assert state[agent.pid] is ProcState.RUNNING and state[owner.pid] is ProcState.SLEEPING
     call(k, owner, Sys.KILL, pid=agent.pid, sig="STOP")
     run(k)                                               # nothing runs while stopped
-    assert {r.pid: r.state for r in k.ps()}[agent.pid] is ProcState.STOPPED
+    assert {r.pid: r.state for r in k.ps(0, True)}[agent.pid] is ProcState.STOPPED
     made = sum(len(e["token_ids"]) for e in k.outbox.events(a.peer, cid))
     assert 0 < made < 40
     later = call(k, a, Sys.GENERATE, prompt="1+1=", max_tokens=2)   # queued paused too

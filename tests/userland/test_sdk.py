@@ -392,7 +392,9 @@ def test_a_context_may_start_with_messages(k):
     system = [{"role": "system", "content": "You are tiny."}]
     with k.context(system="You are tiny.") as a, k.context(messages=system) as b:
         assert a.info().tokens == b.info().tokens > 0
-        assert a.generate(messages=CHAT, max_tokens=8) == b.generate(messages=CHAT, max_tokens=8)
+        first, second = (c.generate(messages=CHAT, max_tokens=8) for c in (a, b))
+        assert (first.text, first.token_ids) == (second.text, second.token_ids)
+        assert second.usage.cached_tokens >= 16      # b's prompt was cached by a's call
     with k.context() as empty:
         assert empty.info().tokens == 0
         assert empty.generate("12+47=", max_tokens=8).text == "59"
