@@ -15,6 +15,11 @@ One step (`step`):
   6. finished requests release their sequence; every request with news gets a
      RequestOutput (new token ids and text; the last one carries the Completion).
 
+Failure containment: what belongs to one request (its sampling, stop strings and
+detokenization) fails that request alone, with reason "abort" and error_code EIO, logged
+once, and the step goes on; what belongs to the batch (the scheduler, the forward pass)
+raises out of step(), and the kernel treats that as fatal.
+
 Prompts may come as text, chat messages or token ids. `encode` (thread-safe: it reads
 only the tokenizer) turns text and messages into ids, so a caller may tokenize elsewhere
 and hand `add_request` the ids.
@@ -22,6 +27,7 @@ and hand `add_request` the ids.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from typing import Callable, Iterable
 
@@ -35,6 +41,8 @@ from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .swap import Swapper
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("llmos.engine")
 
 
 class Engine:
@@ -219,9 +227,21 @@ class Engine:
             logits = logits[[i for i, r in enumerate(reqs) if r.params.max_tokens > 0]]
         tokens = sample(logits, [r.params for r in live], [r.generator for r in live])
         eos = self.tokenizer.eos_token_ids
-        for req, tok in zip(live, tokens):
-            req.append(tok, eos)
-        self.stats["generated_tokens"] += len(live)
+        for req, tok in zip(live, tokens):    # a failed one is released by step()
+            if isinstance(tok, Exception):     # its own sampling raised
+                self._fail(req, tok)
+                continue
+            try:
+                req.append(tok, eos)
+            except Exception as exc:          # noqa: BLE001 — its own stop strings, decoding
+                self._fail(req, exc)
+                continue
+            self.stats["generated_tokens"] += 1
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        """Finish a request whose own processing raised: EIO to its caller, and a log line."""
+        log.error("request %d failed; the engine goes on without it", req.id, exc_info=exc)
+        req.fail(f"internal error in this request: {type(exc).__name__}: {exc} (see the kernel log)")
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.driver.copy_blocks(self.kv_caches, [s for s, _ in pairs], [d for _, d in pairs])
@@ -238,7 +258,16 @@ class Engine:
             self.blocks.free(req.seq.table)
 
     def _emit(self, req: Request) -> RequestOutput | None:
-        delta = req.take_delta()
+        """Give the request's news to on_event and return it. A request whose text cannot
+        be decoded fails (released if it was still live); a failed one decodes nothing."""
+        try:
+            delta = req.take_delta()
+        except Exception as exc:          # noqa: BLE001 — its own detokenization
+            live = not req.finished       # a finished request was released by the caller
+            self._fail(req, exc)
+            if live:
+                self._release(req)
+            delta = req.take_delta()
         if delta is not None and req.on_event is not None:
             req.on_event(delta)
         return delta

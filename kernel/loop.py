@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from llmos.syscalls.errors import ECANCELED, ENOMEM, SyscallError
+from llmos.syscalls.errors import ECANCELED, SyscallError
 from llmos.syscalls.types import ContextInfo, Delta, KVInfo
 
 from . import inbox as cmd
@@ -169,7 +169,7 @@ class EngineLoop:
             p.tokens_in += out.completion.usage.computed_tokens
             self._forget(c)
             if out.error:
-                c.call.error(ENOMEM, out.error)
+                c.call.error(out.error_code, out.error)
             else:
                 c.call.reply(out.completion)
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from llmos.syscalls.errors import EIO, ENOMEM
 from llmos.syscalls.types import Completion, Usage
 
 from .blocks import BlockTable
@@ -47,12 +48,14 @@ class KVContext:
 @dataclass
 class RequestOutput:
     """One step's news of a request: new tokens and text; the last one carries the
-    Completion (and `error` when the request was refused rather than run)."""
+    Completion, and `error` when the request was refused (ENOMEM) or failed (EIO) rather
+    than ran to its end: then its call fails with `error_code`."""
     request_id: int
     token_ids: list[int]
     text: str
     completion: Completion | None = None
     error: str | None = None
+    error_code: str = ENOMEM
 
     @property
     def finished(self) -> bool:
@@ -83,6 +86,7 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_hit = False         # ended by a stop string: the text is already cut
         self.error: str | None = None
+        self.error_code = ENOMEM      # what the call fails with when error is set
         self.generator = None
         if self.params.seed is not None and not self.params.greedy:
             self.generator = torch.Generator().manual_seed(self.params.seed)
@@ -125,6 +129,16 @@ class Request:
     def finish(self, reason: str, error: str | None = None) -> None:
         self.finish_reason, self.error = reason, error
 
+    def fail(self, error: str) -> None:
+        """Finish after an internal failure confined to this request (EIO). Nothing more
+        is decoded: the last delta carries no text, the Completion what was already sent."""
+        self.finish("abort", error)
+        self.error_code = EIO
+
+    @property
+    def failed(self) -> bool:
+        return self.error_code == EIO
+
     @property
     def usage(self) -> Usage:
         return Usage(self.output_start, self.cached_tokens, len(self.output_ids))
@@ -132,11 +146,17 @@ class Request:
     def take_delta(self) -> RequestOutput | None:
         """The event to send after a step: None when there is nothing new to say."""
         if self.finished:
-            if self.detok is not None and not self.stop_hit:
-                self.text += self.detok.flush()
-            text = self.text if self.detok is not None else self.tokenizer.decode(self.output_ids)
+            if self.failed:
+                text = self.text[:self.emitted]
+            elif self.detok is not None:
+                if not self.stop_hit:
+                    self.text += self.detok.flush()
+                text = self.text
+            else:
+                text = self.tokenizer.decode(self.output_ids)
             completion = Completion(text, list(self.output_ids), self.finish_reason, self.usage)
-            delta = RequestOutput(self.id, self.unsent, text[self.emitted:], completion, self.error)
+            delta = RequestOutput(self.id, self.unsent, text[self.emitted:], completion,
+                                  self.error, self.error_code)
         else:
             upto = max(self.emitted, len(self.text) - self.holdback)
             if not self.unsent and upto == self.emitted:
