@@ -15,7 +15,7 @@ import sys
 
 from llmos.syscalls.home import Home, HomeError
 
-from . import tunables
+from . import subreaper, tunables
 from .home import HomeLock
 
 log = logging.getLogger("llmos.kernel")
@@ -40,9 +40,10 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
                                         kv_memory=kv_memory)
         _inject_faults(engine)
         kernel = Supervisor(home, engine, str(model), token)     # 3. processes, engine loop
+        subreaper.adopt(kernel.procs, kernel.timers)         # 4. orphans below us are ours
         table = SyscallTable()
-        install(table, kernel)                               # 4. the syscall table
-        server = Server(home.socket_url, table,              # 5. the socket
+        install(table, kernel)                               # 5. the syscall table
+        server = Server(home.socket_url, table,              # 6. the socket
                         on_peer_gone=kernel.peer_gone).start()
     except BaseException:
         lock.release()
@@ -52,12 +53,13 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     print(f"llmos kernel {os.getpid()} listening on {home.socket_url}", flush=True)
     log.info("listening on %s (driver %s, %d KV blocks)", home.socket_url, engine.driver.name,
              engine.num_blocks)
-    kernel.loop.run()                                        # 6. serve: the engine, this thread
+    kernel.loop.run()                                        # 7. serve: the engine, this thread
     log.info("shutting down: %s", stopped_by[0] if stopped_by else "engine crashed")
-    server.close(cancel=True)                                # 7. calls in flight get ECANCELED
-    kernel.procs.shutdown(GRACE)                             # 8. children: TERM, then KILL
+    server.close(cancel=True)                                # 8. calls in flight get ECANCELED
+    kernel.procs.shutdown(GRACE)                             # 9. children: TERM, then KILL
+    subreaper.kill_descendants(kernel.procs, GRACE)          # 10. what they left: the same
     kernel.close()
-    lock.release()                                           # 9. socket, token, pid file
+    lock.release()                                           # 11. socket, token, pid file
     return 1 if kernel.dead.is_set() else 0
 
 

@@ -1,6 +1,12 @@
-"""The kernel's claim on its home: lock the pid file, make run/ and log/ private, write
-a fresh owner token; undo it all at shutdown. The layout and the client's side (finding a
-running kernel, reading its token) are in syscalls/home.py.
+"""The kernel's claim on its home: check that the home is ours alone, lock the pid file,
+make run/ and log/ private, write a fresh owner token; undo it all at shutdown. The layout
+and the client's side (finding a running kernel, reading its token) are in syscalls/home.py.
+
+Trust: the home must be a directory owned by our uid that no one else may write in, and
+run/ and log/ real 0700 directories of ours; anything else is refused (HomeError), since
+a kernel (perhaps root) writes there. The pid file and the token are opened relative to
+a directory fd of run/, never following a symlink, so swapping run/ or planting a link
+after the checks cannot redirect a write.
 """
 from __future__ import annotations
 
@@ -9,11 +15,12 @@ import fcntl
 import os
 import secrets
 import stat
-from pathlib import Path
 
 from llmos.syscalls.home import Home, HomeError, read_pid
 
 SUN_PATH_MAX = 107             # bytes of a unix socket path (sun_path is 108 with the NUL)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NOFOLLOW = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class HomeLock:
@@ -22,12 +29,15 @@ class HomeLock:
     def __init__(self, home: Home):
         self.home = home
         self._fd: int | None = None        # the locked pid file; None when not held
+        self._run: int | None = None       # run/, held open while the lock is
 
     def acquire(self) -> str:
         """Claim the home for the calling process; return the fresh owner token.
 
-        Raises HomeError if another kernel holds it (naming its pid), if run/ or log/ is
-        not a directory owned by us, or if the socket path is too long for AF_UNIX.
+        Raises HomeError if another kernel holds it (naming its pid), if the home is not
+        ours alone (owner, group- or world-writable), if run/ or log/ is not a directory
+        owned by us, if the pid file or the token is a symlink, or if the socket path is
+        too long for AF_UNIX.
         """
         h = self.home
         if self._fd is not None:
@@ -36,15 +46,19 @@ class HomeLock:
             raise HomeError(f"{h.socket_path}: longer than {SUN_PATH_MAX} bytes, "
                             f"too long for a unix socket; choose a shorter --home")
         h.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        private_dir(h.run_dir)
-        private_dir(h.log_dir)
-        self._fd = self._lock_pid_file()
+        home = _trusted_home(h)
         try:
+            os.close(private_dir(home, h.log_dir.name, h.log_dir))
+            self._run = private_dir(home, h.run_dir.name, h.run_dir)
+        finally:
+            os.close(home)
+        try:
+            self._fd = self._lock_pid_file()
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-            _unlink(h.socket_path)            # left by a dead kernel: bind would fail
+            _unlink(h.socket_path.name, self._run)    # left by a dead kernel: bind would fail
             token = secrets.token_hex(32)
-            _write_private(h.token_path, token + "\n")
+            self._write_token(token + "\n")
         except BaseException:
             self.release()
             raise
@@ -52,19 +66,22 @@ class HomeLock:
 
     def release(self) -> None:
         """Remove the socket, the token and the pid file, then drop the lock. Idempotent."""
-        if self._fd is None:
+        if self._run is None:
             return
-        # Unlink while still holding the lock, so no one takes over a file being removed.
-        for p in (self.home.socket_path, self.home.token_path, self.home.pid_path):
-            _unlink(p)
-        os.close(self._fd)
-        self._fd = None
+        if self._fd is not None:
+            # Unlink while still holding the lock, so no one takes over a file being removed.
+            for p in (self.home.socket_path, self.home.token_path, self.home.pid_path):
+                _unlink(p.name, self._run)
+            os.close(self._fd)
+            self._fd = None
+        os.close(self._run)
+        self._run = None
 
     def _lock_pid_file(self) -> int:
         """Open and flock the pid file; retry if a releasing kernel unlinked it under us."""
-        path = self.home.pid_path
+        path, name = self.home.pid_path, self.home.pid_path.name
         for _ in range(10):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            fd = _open_in(self._run, path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -76,7 +93,8 @@ class HomeLock:
                 raise HomeError(f"a kernel is already running on {self.home.path} ({who}); "
                                 f"stop it or choose another --home") from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+                same = os.fstat(fd).st_ino == os.stat(name, dir_fd=self._run,
+                                                      follow_symlinks=False).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -84,38 +102,75 @@ class HomeLock:
             os.close(fd)                         # we locked an unlinked file: try again
         raise HomeError(f"{path}: could not be locked (keeps being replaced)")
 
+    def _write_token(self, text: str) -> None:
+        """Replace run/token atomically, readable by the owner only (0600) from its first
+        byte. A symlink there is refused: nothing of ours makes one."""
+        path = self.home.token_path
+        try:
+            if stat.S_ISLNK(os.stat(path.name, dir_fd=self._run, follow_symlinks=False).st_mode):
+                raise HomeError(f"{path}: is a symlink; refusing to use this home")
+        except FileNotFoundError:
+            pass
+        tmp = f".{path.name}.{os.getpid()}"
+        _unlink(tmp, self._run)
+        fd = _open_in(self._run, path.with_name(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path.name, src_dir_fd=self._run, dst_dir_fd=self._run)
 
-def private_dir(path: Path) -> None:
-    """Make path a 0700 directory owned by us; refuse a symlink or another user's directory."""
+
+def _trusted_home(h: Home) -> int:
+    """An fd of the home directory, checked: ours and writable by us alone. A symlinked
+    home is followed (~/.llmos -> /data/llmos is fine); its target is what is checked."""
+    fd = os.open(h.path, _DIR)
+    st = os.fstat(fd)
+    me, mode = os.getuid(), stat.S_IMODE(st.st_mode)
+    problem = (f"owned by uid {st.st_uid}, not by us (uid {me})" if st.st_uid != me else
+               f"mode {mode:04o} lets group or others write in it" if mode & 0o022 else None)
+    if problem:
+        os.close(fd)
+        raise HomeError(f"{h.path}: {problem}; refusing to use it as a home")
+    return fd
+
+
+def private_dir(parent: int, name: str, path) -> int:
+    """Make parent/name a 0700 directory owned by us and return an fd of it; refuse a
+    symlink or another user's directory (path names it in the error)."""
     try:
-        os.mkdir(path, 0o700)
+        os.mkdir(name, 0o700, dir_fd=parent)
     except FileExistsError:
         pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise HomeError(f"{path}: exists and is not a directory")
+    try:
+        fd = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise HomeError(f"{path}: exists and is not a directory") from None
+        raise
+    st = os.fstat(fd)
     if st.st_uid != os.getuid():
+        os.close(fd)
         raise HomeError(f"{path}: owned by uid {st.st_uid}, not by us (uid {os.getuid()}); "
                         f"refusing to use it")
     if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+        os.fchmod(fd, 0o700)
+    return fd
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write text to path atomically, readable by the owner only (0600) from its first byte."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    _unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _open_in(dir_fd: int, path, flags: int, mode: int) -> int:
+    """Open path's name in dir_fd, never through a symlink (HomeError naming path)."""
     try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        return os.open(path.name, flags | _NOFOLLOW, mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise HomeError(f"{path}: is a symlink; refusing to use this home") from None
+        raise
 
 
-def _unlink(path: Path) -> None:
+def _unlink(name: str, dir_fd: int) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass

@@ -43,6 +43,7 @@ from typing import Callable
 from llmos.syscalls.errors import (EAGAIN, ECHILD, EINVAL, EPERM, ESRCH, SyscallError)
 from llmos.syscalls.types import ProcState
 
+from . import subreaper
 from .reaper import Reaper
 
 PID_MAX = 1 << 22              # pids wrap here (Linux's pid_max on 64-bit)
@@ -197,7 +198,8 @@ class ProcTable:
     def spawn(self, argv: list, *, name: str | None = None, nice: int = 0, parent: int = 0,
               env_extra: dict | None = None, socket_path: str = "",
               log_dir: str | os.PathLike = ".", owner: int | None = None) -> Proc:
-        """Start argv as a real OS process in its own process group; return its row.
+        """Start argv as a real OS process in its own session and process group, set to
+        die with the kernel (kernel/subreaper.py); return its row.
 
         Its environment is ours plus env_extra plus LLMOS_SOCKET, LLMOS_TOKEN (its own
         secret) and LLMOS_PID; stdin is /dev/null; stdout and stderr go to
@@ -211,24 +213,15 @@ class ProcTable:
         p = self.alloc(name or Path(argv[0]).name, argv, parent=parent, nice=nice, owner=owner)
         env = {**os.environ, **(env_extra or {}), "LLMOS_SOCKET": str(socket_path),
                "LLMOS_TOKEN": p.token, "LLMOS_PID": str(p.pid)}
-        log_path = Path(log_dir) / f"{p.pid}.log"
         try:
-            fd = _new_log(log_path)
-            try:
-                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd,
-                                         stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, close_fds=True)
-            except BaseException:
-                os.unlink(log_path)          # ours, new and empty: no clutter from a failure
-                raise
-            finally:
-                os.close(fd)
+            with subreaper.births:           # until the row has the pid: no stray reaping
+                popen = _start(argv, env, log_dir, f"{p.pid}.log")
+                with self.lock:
+                    p._popen, p.os_pid = popen, popen.pid
         except (OSError, ValueError) as e:   # ValueError: NUL in argv or env, '=' in a key
             self.free(p.pid)
             code = errno.errorcode.get(getattr(e, "errno", None) or 0, EINVAL)
             raise SyscallError(code, f"spawn {argv[0]}: {getattr(e, 'strerror', None) or e}") from None
-        with self.lock:
-            p._popen, p.os_pid = popen, popen.pid
         log.info("pid %d (%s): spawned by pid %d as os pid %d: %s", p.pid, p.name, parent,
                  popen.pid, " ".join(argv)[:200])
         self._reaper.watch(p, child=True)
@@ -479,14 +472,35 @@ class ProcTable:
                 if p._popen is not None and (p.alive or not alive_only and p.releasing)]
 
 
-def _new_log(path: Path) -> int:
-    """Open a new log file (0600, no symlink followed); an older one is moved aside."""
+def _start(argv: list[str], env: dict, log_dir, log_name: str) -> subprocess.Popen:
+    """Start argv in a session of its own, stdout and stderr to the new log_dir/log_name,
+    both opened relative to one directory fd (a log/ swapped meanwhile cannot redirect
+    them). A start that fails leaves no log. Raises OSError, ValueError."""
+    logs = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = _new_log(logs, log_name)
+        try:
+            return subreaper.popen(argv, stdin=subprocess.DEVNULL, stdout=fd,
+                                   stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True, close_fds=True)
+        except BaseException:
+            os.unlink(log_name, dir_fd=logs)   # ours, new and empty: no clutter from a failure
+            raise
+        finally:
+            os.close(fd)
+    finally:
+        os.close(logs)
+
+
+def _new_log(logs: int, name: str) -> int:
+    """Open a new log file in the directory fd logs (0600, no symlink followed); an older
+    one is moved aside to name.old."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        return os.open(path, flags, 0o600)
+        return os.open(name, flags, 0o600, dir_fd=logs)
     except FileExistsError:                 # the pid space wrapped: keep one older log
-        os.replace(path, path.with_name(path.name + ".old"))
-        return os.open(path, flags, 0o600)
+        os.replace(name, name + ".old", src_dir_fd=logs, dst_dir_fd=logs)
+        return os.open(name, flags, 0o600, dir_fd=logs)
 
 
 def first_free_pid(log_dir: Path) -> int:

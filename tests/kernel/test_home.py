@@ -1,8 +1,10 @@
 """The kernel's home: layout (syscalls/home.py), the kernel's claim on it (kernel/home.py):
-modes, the pid-file lock, stale takeover, the token for clients."""
+modes, the pid-file lock, stale takeover, the token for clients, and the homes it refuses
+(not ours alone, a symlink planted in run/)."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -158,6 +160,47 @@ def test_loose_run_dir_fixed_foreign_or_odd_refused(tmp_path, monkeypatch):
     os.symlink(odd.path / "elsewhere", odd.run_dir)
     with pytest.raises(HomeError, match="not a directory"):
         HomeLock(odd).acquire()
+
+
+def test_a_home_not_ours_alone_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    h = Home(tmp_path / "h")
+    h.path.mkdir(mode=0o700)
+    at = "^" + re.escape(str(h.path))
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 4242)   # as if another user owned it
+    with pytest.raises(HomeError, match=f"{at}: owned by uid {real_uid}, not by us"):
+        claim(h.path).acquire()
+    monkeypatch.undo()
+    for loose in (0o777, 0o775, 0o757, 0o1777):
+        os.chmod(h.path, loose)
+        with pytest.raises(HomeError, match=f"{at}: mode {loose:04o} lets group or others write"):
+            claim(h.path).acquire()
+        assert os.listdir(h.path) == []          # refused before run/ or log/ was made
+    os.chmod(h.path, 0o755)                      # others may look, not write: fine
+    lock = claim(h.path)
+    lock.acquire()
+    lock.release()
+    if real_uid == 0:                            # a run/ really someone else's (root may chown)
+        os.chown(h.run_dir, 4242, 4242)
+        with pytest.raises(HomeError, match=f"^{re.escape(str(h.run_dir))}: owned by uid 4242"):
+            claim(h.path).acquire()
+
+
+@pytest.mark.parametrize("name", ["kernel.pid", "token"])
+def test_a_symlink_planted_in_run_is_refused_and_its_target_untouched(tmp_path, name):
+    for target in (tmp_path / "victim", tmp_path / "absent"):
+        h = Home(tmp_path / f"h-{target.name}")
+        h.run_dir.mkdir(parents=True, mode=0o700)
+        if target.name == "victim":
+            target.write_text("precious\n")
+        (h.run_dir / name).symlink_to(target)
+        with pytest.raises(HomeError, match=re.escape(f"{h.run_dir / name}: is a symlink")):
+            claim(h.path).acquire()
+        if target.name == "victim":
+            assert target.read_text() == "precious\n"
+        else:
+            assert not target.exists()           # not created through a dangling link
+        assert h.running_pid() is None           # no lock left behind
 
 
 def test_socket_path_too_long_refused(tmp_path):
