@@ -3,12 +3,9 @@ that request (EIO, with the reason), and every other request runs as if it were 
 there. A failure of the model forward is the whole engine's and still leaves step().
 """
 import logging
-import select
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from hypothesis import strategies as st
 
 from llmos.kernel import Engine
 from llmos.kernel.sampling import SamplingParams, sample
+from tests.kernels import short_home, start_kernel, stop_kernel
 
 T = 60          # seconds: the bound on every wait here
 PROMPTS = ["12+47=", "reverse a b c =", "33+18=", "reverse d o g ="]
@@ -185,25 +183,12 @@ print(connect(sys.argv[1], timeout=60).generate(prompt="33+18=", max_tokens=8).t
 
 @pytest.fixture
 def kernel_home():
-    """A real kernel on a short home (an ipc socket path must stay under ~100 bytes)."""
-    home = tempfile.mkdtemp(prefix="llmos-", dir="/tmp")
-    proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel", "--home", home,
-                             "--kv-memory", "16M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], T)
-        line = proc.stdout.readline() if ready else ""
-        assert "listening on" in line, f"kernel did not boot: {line!r}"
-        yield home, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(T)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(T)
-        shutil.rmtree(home, ignore_errors=True)
+    """(home, Popen) of a kernel on tiny, for this module."""
+    home = short_home()
+    proc = start_kernel(home)
+    yield home, proc
+    stop_kernel(proc)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_vanishing_temperature_is_greedy_and_the_kernel_lives_on(kernel_home):

@@ -16,6 +16,7 @@ import pytest
 
 from llmos.kernel import Engine
 from llmos.syscalls.home import Home, read_token
+from tests.kernels import start_kernel, stop_kernel
 from llmos.syscalls import Connection, KernelDead, Sys, SyscallError
 
 T = 60          # seconds: the bound on every wait here
@@ -31,29 +32,6 @@ AGENT = textwrap.dedent("""
 """)
 
 
-def start_kernel(home, *extra, env=None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel", "--home", str(home),
-                             "--kv-memory", "16M", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    ready, _, _ = select.select([proc.stdout], [], [], T)
-    line = proc.stdout.readline() if ready else ""
-    if "listening on" not in line:
-        proc.kill()
-        raise AssertionError(f"kernel did not boot: {line!r}")
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(T)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(T)
-
-
 @pytest.fixture(scope="module", params=["cpu", "sim"])
 def kernel(tmp_path_factory, request):
     """A kernel shared by the module's tests, on the cpu driver and on the sim plugin
@@ -61,7 +39,7 @@ def kernel(tmp_path_factory, request):
     home = tmp_path_factory.mktemp(request.param) / "home"
     proc = start_kernel(home, "--driver", request.param)
     yield Home(home), proc
-    stop(proc)
+    stop_kernel(proc)
 
 
 @pytest.fixture(params=["cpu", "sim"])
@@ -70,7 +48,7 @@ def own_kernel(tmp_path, request):
     home = tmp_path / "home"
     proc = start_kernel(home, "--driver", request.param)
     yield Home(home), proc
-    stop(proc)
+    stop_kernel(proc)
 
 
 def connect(home: Home) -> Connection:

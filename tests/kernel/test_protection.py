@@ -3,11 +3,8 @@ test against a real kernel: budgets before hello, sessions bound to their connec
 privacy between process trees, waits without threads, a spawn that cannot leak rows."""
 from __future__ import annotations
 
-import select
 import signal
-import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -18,25 +15,17 @@ import zmq
 
 from llmos.syscalls import Connection, Sys, SyscallError, wire
 from llmos.syscalls.home import Home, read_token
+from tests.kernels import short_home, start_kernel, stop_kernel
 
 T = 60
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    home = Home(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
-    proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel", "--home", str(home.path),
-                             "--kv-memory", "16M"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], T)
-    assert ready and "listening on" in proc.stdout.readline()
+    home = Home(short_home())
+    proc = start_kernel(home.path)
     yield home, proc
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(T)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(T)
+    stop_kernel(proc)
 
 
 def owner(home) -> Connection:
@@ -257,7 +246,7 @@ def test_an_agent_cannot_say_hello_as_the_owner(kernel):
             print("owner's rights:", e.code)
     """)
     pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", attacker])["pid"]
-    assert c.call(Sys.WAIT, pid=pid, timeout=T)["status"] == 0
+    assert c.call(Sys.WAIT, pid=pid, timeout=T)["status"] == 0, home.proc_log(pid).read_text()
     assert home.proc_log(pid).read_text().split("\n")[:2] == ["own rights: EPERM",
                                                              "owner's rights: EACCES"]
     assert c.call(Sys.WAIT, pid=sibling, timeout=0)["exited"] is False    # alive

@@ -1,0 +1,52 @@
+"""Real kernel processes for tests: boot one on a short home, stop it. Every wait is bounded."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOT_TIMEOUT = 60       # seconds a kernel may take to boot (a busy 2-core box: ~10 s)
+STOP_TIMEOUT = 30       # seconds a kernel may take to shut down after SIGTERM
+
+
+def short_home() -> str:
+    """A fresh home with a short path (a unix socket path is limited to 107 bytes)."""
+    return tempfile.mkdtemp(prefix="llmos-", dir="/tmp")
+
+
+def start_kernel(home, *extra: str, env: dict | None = None,
+                 kv_memory: str | None = "16M") -> subprocess.Popen:
+    """`python -m llmos.kernel --home HOME [--kv-memory 16M] EXTRA...` on the embedded tiny
+    model, outside any agent's environment; returns once it listens. Raises AssertionError
+    (with what it printed) if it does not within BOOT_TIMEOUT."""
+    argv = [sys.executable, "-m", "llmos.kernel", "--home", str(home), *extra]
+    if kv_memory is not None:
+        argv += ["--kv-memory", kv_memory]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**clean, **(env or {})},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], BOOT_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if "listening on" not in line:
+        stop_kernel(proc)
+        raise AssertionError(f"the kernel did not boot: {line!r}")
+    return proc
+
+
+def stop_kernel(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+    if proc.stdout is not None:
+        proc.stdout.close()
