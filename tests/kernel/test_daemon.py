@@ -359,7 +359,8 @@ def test_sysinfo_names_the_driver_in_use_and_a_default_kernel_stays_small(tmp_pa
         assert c.call(Sys.GENERATE, prompt="12+47=", max_tokens=8)["text"] == "59"
         kv = c.call(Sys.MEMINFO)["kv"]
         assert kv["total"] * kv["block_size"] > 100_000     # the default pool is big...
-        assert psutil.Process(proc.pid).memory_info().rss < 500 << 20   # ...but not resident
+        rss = psutil.Process(proc.pid).memory_info().rss
+        assert rss < 500 << 20, f"{rss >> 20} MiB resident"              # ...but not resident
         c.close()
     finally:
         proc.send_signal(signal.SIGTERM)
