@@ -2,7 +2,7 @@
 
     python bench/agent_startup.py [-n 10]
 
-Starts a kernel on `tiny` (as the tests do, tests/userland/conftest.py), then runs the hello agent's code (connect(), one generate of "12+47=") N times as a fresh
+Starts a kernel on `tiny` (as the tests do, tests/kernels.py), then runs the hello agent's code (connect(), one generate of "12+47=") N times as a fresh
 subprocess. Startup is the wall time from just before exec until connect() returned (hello
 answered), measured by the agent against the parent's timestamp; RSS is the agent's
 resident memory (psutil) at that moment.
@@ -24,7 +24,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.userland.conftest import short_home, start_kernel, stop_kernel  # noqa: E402
+from tests.kernels import short_home, start_kernel, stop_kernel  # noqa: E402
 
 PROBE = """
 import os, sys, time, psutil

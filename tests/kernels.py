@@ -1,8 +1,10 @@
 """Real kernel processes for tests: boot one on a short home, stop it. Every wait is bounded."""
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,3 +52,16 @@ def stop_kernel(proc: subprocess.Popen) -> None:
             proc.wait(STOP_TIMEOUT)
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+@contextlib.contextmanager
+def running_kernel(*extra: str, **options):
+    """(home, Popen) of a kernel on a fresh short home (see start_kernel), stopped and its
+    home removed on leaving."""
+    home = short_home()
+    proc = start_kernel(home, *extra, **options)
+    try:
+        yield home, proc
+    finally:
+        stop_kernel(proc)
+        shutil.rmtree(home, ignore_errors=True)

@@ -3,7 +3,6 @@ that request (EIO, with the reason), and every other request runs as if it were 
 there. A failure of the model forward is the whole engine's and still leaves step().
 """
 import logging
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from llmos.kernel import Engine
 from llmos.kernel.sampling import SamplingParams, sample
-from tests.kernels import short_home, start_kernel, stop_kernel
+from tests.kernels import running_kernel
 
 T = 60          # seconds: the bound on every wait here
 PROMPTS = ["12+47=", "reverse a b c =", "33+18=", "reverse d o g ="]
@@ -183,12 +182,9 @@ print(connect(sys.argv[1], timeout=60).generate(prompt="33+18=", max_tokens=8).t
 
 @pytest.fixture
 def kernel_home():
-    """(home, Popen) of a kernel on tiny, for this module."""
-    home = short_home()
-    proc = start_kernel(home)
-    yield home, proc
-    stop_kernel(proc)
-    shutil.rmtree(home, ignore_errors=True)
+    """(home, Popen) of a kernel on tiny, for this test."""
+    with running_kernel() as kernel:
+        yield kernel
 
 
 def test_a_vanishing_temperature_is_greedy_and_the_kernel_lives_on(kernel_home):

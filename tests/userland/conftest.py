@@ -1,31 +1,23 @@
 """Fixtures for userland tests: a real kernel on the embedded `tiny` model, in a subprocess."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from tests.kernels import ROOT, short_home, start_kernel, stop_kernel  # noqa: F401 (for tests and bench)
+from tests.kernels import running_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel_home():
     """The home of a real kernel running for the whole module."""
-    home = short_home()
-    proc = start_kernel(home)
-    yield home
-    stop_kernel(proc)
-    shutil.rmtree(home, ignore_errors=True)
+    with running_kernel() as (home, _):
+        yield home
 
 
 @pytest.fixture
 def own_kernel():
     """(home, Popen) of a kernel of this test alone, for tests that kill it."""
-    home = short_home()
-    proc = start_kernel(home)
-    yield home, proc
-    stop_kernel(proc)
-    shutil.rmtree(home, ignore_errors=True)
+    with running_kernel() as kernel:
+        yield kernel
 
 
 @pytest.fixture

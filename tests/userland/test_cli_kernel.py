@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from llmos.syscalls.home import Home
-from tests.userland.conftest import ROOT, short_home
+from tests.kernels import ROOT, short_home
 
 T = 60                  # seconds: the bound on every wait here
 

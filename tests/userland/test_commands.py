@@ -15,7 +15,7 @@ import pytest
 from llmos.syscalls.home import Home
 from llmos.syscalls.types import KVInfo, ModelInfo, ProcInfo, SyscallInfo, SysInfo
 from llmos.userland import connect
-from tests.userland.conftest import ROOT
+from tests.kernels import ROOT
 from tests.userland.test_cli_kernel import T, llmos
 
 

@@ -26,7 +26,7 @@ from llmos.userland import (CallTimeout, Completion, Context, ContextInfo, Delta
                             KernelNotRunning, MemInfo, ModelInfo, ProcInfo, ProcState,
                             SyscallError, SysInfo, Usage, WaitStatus, connect)
 from llmos.userland.sdk import _OPTIONS, _generate_args
-from tests.userland.conftest import ROOT
+from tests.kernels import ROOT
 
 T = 60                  # seconds: the bound on every wait here
 LONG = dict(max_tokens=400, ignore_eos=True)    # a generate that runs for a while (7 + 400 < 512)
