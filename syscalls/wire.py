@@ -24,6 +24,8 @@ MAX_STR = 8 << 20            # bytes in one string
 MAX_BIN = 16 << 20           # bytes in one binary
 MAX_ARRAY = 1 << 21          # items in one array (token ids)
 MAX_MAP = 1 << 12            # keys in one map
+MAX_CONTAINERS = 1 << 16     # maps and arrays in one message: an empty map is 1 byte on the
+                             # wire but ~64 in memory, so a frame of them would grow 64-fold
 MAX_ID = (1 << 63) - 1       # call ids are non-negative int64
 
 
@@ -45,16 +47,39 @@ def _refuse_ext(code: int, data: bytes):
     raise ValueError(f"ext type {code} refused")
 
 
+class _ContainerBudget:
+    """Counts the maps and arrays the decoder builds; past MAX_CONTAINERS it stops the decode."""
+    __slots__ = ("left",)
+
+    def __init__(self):
+        self.left = MAX_CONTAINERS
+
+    def __call__(self, obj):
+        self.left -= 1
+        if self.left < 0:
+            raise _TooMany
+        return obj
+
+
+class _TooMany(Exception):
+    pass
+
+
 def unpack(frame: bytes, max_message: int = MAX_MESSAGE) -> Any:
-    """Decode one frame. Raises WireError E2BIG (over a size limit) or EPROTO (anything else)."""
+    """Decode one frame. Raises WireError E2BIG (over a size limit, including more than
+    MAX_CONTAINERS maps and arrays) or EPROTO (anything else)."""
     if len(frame) > max_message:
         raise WireError(E2BIG, f"message of {len(frame)} bytes exceeds {max_message}")
+    budget = _ContainerBudget()
     try:
         return msgpack.unpackb(
             frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True,
+            list_hook=budget, object_hook=budget,
             max_str_len=min(MAX_STR, max_message),
             max_bin_len=min(MAX_BIN, max_message), max_array_len=MAX_ARRAY,
             max_map_len=MAX_MAP, max_ext_len=0)
+    except _TooMany:
+        raise WireError(E2BIG, f"message holds more than {MAX_CONTAINERS} maps and arrays") from None
     except ValueError as e:     # FormatError, ExtraData, StackError, UnicodeDecodeError too
         if "max_ext_len" in str(e):     # max_ext_len=0 refuses every ext type, timestamps too
             raise WireError(EPROTO, "ext types are refused") from None

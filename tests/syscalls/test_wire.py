@@ -101,6 +101,20 @@ def test_size_limits_are_e2big():
     assert e.value.code == E2BIG and e.value.call_id == 1
 
 
+def test_a_frame_of_empty_maps_is_refused_before_it_grows_in_memory():
+    # Finding 5 of the protection issue: a 14 MB frame of empty maps decoded into 14 M dicts
+    # (+991 MiB). One wire byte each, ~64 bytes each in memory: the decoder stops counting
+    # at MAX_CONTAINERS maps and arrays, wherever they nest.
+    flat = wire.encode_request(1, 1, {"x": [[{}] * (1 << 20)] * 14})
+    assert len(flat) > 14 << 20
+    with pytest.raises(WireError) as e:
+        wire.decode_request([flat])
+    assert e.value.code == E2BIG and "maps and arrays" in str(e.value)
+    fine = wire.encode_request(2, 1, {"messages": [{"role": "user", "content": "hi"}] * 1000,
+                                      "token_ids": list(range(1 << 20))})
+    assert len(wire.decode_request([fine]).args["token_ids"]) == 1 << 20
+
+
 def test_merge_delta_concatenates_text_and_lists():
     a = {"text": "ab", "token_ids": [1], "finish": None}
     b = {"text": "c", "token_ids": [2, 3], "finish": "stop", "n": 2}
