@@ -105,7 +105,10 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built only to adopt checkpoint weights: an explicit (meta) weight skips the random
+        # init, whose normal_ on meta tensors imports torch._dynamo (~2.7 s of every boot).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -119,7 +122,6 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor],
@@ -131,7 +133,7 @@ class CausalLM(nn.Module):
             weights = {n: t for n, t in weights.items() if n != "lm_head.weight"}
         weights = {n: t.to(device) for n, t in weights.items()}
         model.load_state_dict(weights, strict=False, assign=True)
-        model.inv_freq = rope_inv_freq(cfg).to(device)
+        model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:5])}")
