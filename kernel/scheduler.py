@@ -6,7 +6,9 @@ decodes first, then prefill chunks, then admits waiting requests in arrival orde
 request that cannot get KV blocks preempts the most recently admitted request that is
 not in the batch yet: its KV is swapped out to the host pool when that has room (else
 dropped, to be recomputed, largely from the prefix cache), its device blocks are freed,
-and it goes back to the front of the queue.
+and it goes back to the front of the queue. A stopped request (SIGSTOP) is not scheduled;
+it keeps its KV and its seat only until a waiting request needs them, then it is
+preempted the same way.
 
 Block copies (copy-on-write, swap) are done through the engine as soon as they are
 decided, so a block is always read before it can be freed and handed to someone else.
@@ -60,7 +62,8 @@ class Scheduler:
         """Steps, in order:
         1. running requests with one pending token (decode), in admission order;
         2. running requests with more (prefill chunks), while the budget lasts;
-        3. waiting requests in arrival order, while budget, seats and blocks last;
+        3. waiting requests in arrival order, while budget, seats and blocks last
+           (stopped requests give theirs up);
         4. if nothing could run at all, the head of the queue is refused (its KV cannot fit).
         """
         batch = Batch()
@@ -114,19 +117,31 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
+    def _evict_stopped(self, batch: Batch, enough: Callable[[], bool]) -> bool:
+        """Preempt stopped running requests, the latest first, until enough(): a stopped
+        process keeps its KV and its seat only while nobody waiting needs them (else it
+        held up every admission until SIGCONT, and the engine spun on empty steps)."""
+        while not enough():
+            victim = next((r for r in reversed(self.running) if r.stopped), None)
+            if victim is None:
+                return False
+            self.preempt(victim, batch)
+        return True
+
     def _admit(self, batch: Batch, budget: int) -> None:
         for req in list(self.waiting):
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
-                return
             if req.stopped:
                 continue
+            if budget == 0 or not self._evict_stopped(
+                    batch, lambda: len(self.running) < self.max_num_seqs):
+                return
             table = req.seq.table
             restore = req.swapped.num_tokens if req.swapped is not None else 0
             fresh = table.num_tokens == 0 and not restore
             if fresh:
                 self.blocks.match_prefix(table, req.seq.tokens)
             n = min(len(req.seq.tokens) - max(restore, table.num_tokens), budget)
-            if not self.blocks.can_append(table, restore + n):
+            if not self._evict_stopped(batch, lambda: self.blocks.can_append(table, restore + n)):
                 if fresh:
                     self.blocks.free(table)   # give back the prefix hits; they stay cached
                 return
