@@ -41,9 +41,17 @@ BARE = "import sys, time, psutil; t = time.time() - float(sys.argv[1]); " \
        "print(t, psutil.Process().memory_info().rss, 0)"
 
 
-def _run(code: str, env: dict) -> tuple[float, int, int]:
-    out = subprocess.run([sys.executable, "-c", code, repr(time.time())], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+def _run(code: str, env: dict, secret: str | None = None) -> tuple[float, int, int]:
+    """Run code; a secret is handed over in a pipe, as the kernel hands a spawned agent its own."""
+    from llmos.syscalls.secret import TOKEN_FD_ENV, hand_over
+    fds = (hand_over(secret),) if secret else ()
+    try:
+        out = subprocess.run([sys.executable, "-c", code, repr(time.time())], cwd=ROOT,
+                             env={**env, **{TOKEN_FD_ENV: str(fd) for fd in fds}},
+                             pass_fds=fds, capture_output=True, text=True, timeout=60)
+    finally:
+        for fd in fds:
+            os.close(fd)
     if out.returncode:
         raise RuntimeError(out.stderr)
     t, rss, torch = out.stdout.split()
@@ -59,9 +67,9 @@ def measure_hello_agent(n: int = 10) -> dict:
     kernel = start_kernel(home)
     try:
         from llmos.syscalls.home import Home, read_token
-        env = {**os.environ, "LLMOS_SOCKET": Home(home).socket_url, "LLMOS_TOKEN": read_token(home)}
-        # With the owner token the agent attaches: the same connect path as a spawned agent's.
-        runs = [_run(PROBE, env) for _ in range(n)]
+        env = {**os.environ, "LLMOS_SOCKET": Home(home).socket_url}
+        # The owner token handed over as a spawned agent's secret is: the same connect path.
+        runs = [_run(PROBE, env, read_token(home)) for _ in range(n)]
         bare = [_run(BARE, env) for _ in range(max(3, n // 3))]
     finally:
         stop_kernel(kernel)

@@ -1,6 +1,7 @@
 """Booting the kernel: `llmos up` runs `boot`, which reads as the table of contents.
 
     python -m llmos.kernel [--home DIR] [--model tiny] [--driver cpu] [--kv-memory 512M]
+                           [--listen tcp://HOST:PORT [--no-curve]]
 
 Exit status: 0 after a clean shutdown (SIGTERM, SIGINT, `llmos down`), 1 when the
 engine crashed, 2 when it could not boot (the message, on stderr, says why).
@@ -8,6 +9,7 @@ engine crashed, 2 when it could not boot (the message, on stderr, says why).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -15,16 +17,22 @@ import sys
 
 from llmos.syscalls.home import Home, HomeError
 
-from . import subreaper, tunables
+from . import agentuser, subreaper, tunables
 from .home import HomeLock
+from .logfile import LogFile, LogHandler
 
 log = logging.getLogger("llmos.kernel")
 GRACE = 5.0       # seconds children get between SIGTERM and SIGKILL at shutdown
 
 
 def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
-         heartbeat_timeout: float = tunables.HEARTBEAT_TIMEOUT) -> int:
-    """Boot, serve until told to stop, shut down. Returns the exit status."""
+         heartbeat_timeout: float = tunables.HEARTBEAT_TIMEOUT,
+         agent_user: str | None = None, listen: str | None = None, curve: bool = True,
+         max_agents: int | None = None) -> int:
+    """Boot, serve until told to stop, shut down. Returns the exit status. agent_user: the
+    user agents run as (kernel/agentuser.py; root only), else the kernel's own uid.
+    listen: a tcp endpoint served besides the home's socket, with CURVE unless not curve.
+    max_agents: live agent processes at most (default: by memory, kernel/proc.py)."""
     from .engine import Engine
     from .kernel import Supervisor
     from .server import Server
@@ -32,6 +40,7 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
 
     _few_malloc_arenas()
     home = Home(home_dir)
+    user = agentuser.lookup(agent_user, home.path) if agent_user else None
     lock = HomeLock(home)
     token = lock.acquire()                                   # 1. the home, locked
     try:
@@ -40,19 +49,25 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
         engine = Engine.from_pretrained(model, driver=driver,   # 2. the model and KV pool
                                         kv_memory=kv_memory)
         _inject_faults(engine)
-        kernel = Supervisor(home, engine, str(model), token)     # 3. processes, engine loop
+        kernel = Supervisor(home, engine, str(model), token,     # 3. processes, engine loop
+                            agent_user=user, max_agents=max_agents)
         subreaper.adopt(kernel.procs, kernel.timers)         # 4. orphans below us are ours
         table = SyscallTable()
         install(table, kernel)                               # 5. the syscall table
-        server = Server(home.socket_url, table,              # 6. the socket
-                        on_peer_gone=kernel.peer_gone).start()
+        server = Server(home.socket_url, table,              # 6. the sockets
+                        on_peer_gone=kernel.peer_gone, **_tcp(home, listen, curve)).start()
+        if user:
+            lock.share_socket(user.gid)                      # agents under another uid reach it
+            log.info("agents run as user %s (uid %d, gid %d) in %s", user.name, user.uid,
+                     user.gid, user.cwd)
     except BaseException:
         lock.release()
         raise
     kernel.watch_silence(server, heartbeat_timeout)
     stopped_by = _stop_on_signals(kernel)
-    print(f"llmos kernel {os.getpid()} listening on {home.socket_url}", flush=True)
-    log.info("listening on %s (driver %s, %d KV blocks)", home.socket_url, engine.driver.name,
+    where = " and ".join(server.bound)
+    print(f"llmos kernel {os.getpid()} listening on {where}", flush=True)
+    log.info("listening on %s (driver %s, %d KV blocks)", where, engine.driver.name,
              engine.num_blocks)
     kernel.loop.run()                                        # 7. serve: the engine, this thread
     log.info("shutting down: %s", stopped_by[0] if stopped_by else "engine crashed")
@@ -96,13 +111,41 @@ def _inject_faults(engine) -> None:
         engine.step = step
 
 
+def _tcp(home, listen, curve: bool) -> dict:
+    """The Server's options for --listen: CURVE with the home's server key (made at the
+    first such boot) and its allow-list of client keys, read at every new connection."""
+    if not listen:
+        return {}
+    if not curve:
+        return {"listen": listen}
+    from llmos.syscalls import keys
+    public, secret = keys.server_keys(home, create=True)
+    log.info("tcp clients need the server key %s (%s)", public.decode(),
+             home.keys_dir / f"{keys.SERVER}.pub")
+    if not keys.allowed(home):
+        log.warning("no client key is allowed yet: every tcp client is refused until "
+                    "`llmos keys allow` names one")
+    return {"listen": listen, "curve_secret_key": secret,
+            "allowed": functools.partial(keys.allowed, home)}
+
+
 def _log_to(path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    """The kernel's log: path (in the home's log/), rotated by size (kernel/logfile.py).
+    Ours at INFO, other libraries' warnings too: stdout and stderr (log/kernel.out when
+    detached) keep only the boot line and what bypasses logging."""
+    handler = LogHandler(LogFile(path.parent, path.name, tunables.KERNEL_LOG_MAX,
+                                 tunables.KERNEL_LOG_KEEP))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("llmos")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("llmos").setLevel(logging.INFO)
+    logging.captureWarnings(True)                    # warnings.warn: to the log as well
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def main(argv=None) -> int:
@@ -114,9 +157,24 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-memory", default=None, help="KV pool size, e.g. 512M")
     ap.add_argument("--heartbeat-timeout", type=float, default=tunables.HEARTBEAT_TIMEOUT,
                     help="seconds of silence after which an attached program is reaped")
+    ap.add_argument("--agent-user", default=None,
+                    help="run agents as this user (a kernel running as root only)")
+    ap.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
+                    help="also serve this tcp endpoint, with CURVE and the allow-list of "
+                         "HOME/keys/allowed (see `llmos keys`)")
+    ap.add_argument("--no-curve", dest="curve", action="store_false",
+                    help="--listen without CURVE: a loopback address only")
+    ap.add_argument("--max-agents", type=_positive, default=None, metavar="N",
+                    help="agent processes running at once, at most (default: one per 64 MiB "
+                         "of memory, 16 to 1024)")
     args = ap.parse_args(argv)
     try:
-        return boot(args.home, args.model, args.driver, args.kv_memory, args.heartbeat_timeout)
+        if args.listen:
+            from .server import check_listen
+            check_listen(args.listen, args.curve)        # before the model loads: fail fast
+        return boot(args.home, args.model, args.driver, args.kv_memory, args.heartbeat_timeout,
+                    agent_user=args.agent_user, listen=args.listen, curve=args.curve,
+                    max_agents=args.max_agents)
     except (HomeError, ValueError) as e:       # CheckpointError and bad options are ValueErrors
         print(f"llmos kernel: {e}", file=sys.stderr)
         return 2

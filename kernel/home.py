@@ -16,11 +16,9 @@ import os
 import secrets
 import stat
 
-from llmos.syscalls.home import Home, HomeError, read_pid
+from llmos.syscalls.home import Home, HomeError, open_in, private_dir, read_pid, trusted_home
 
 SUN_PATH_MAX = 107             # bytes of a unix socket path (sun_path is 108 with the NUL)
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_NOFOLLOW = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class HomeLock:
@@ -46,7 +44,7 @@ class HomeLock:
             raise HomeError(f"{h.socket_path}: longer than {SUN_PATH_MAX} bytes, "
                             f"too long for a unix socket; choose a shorter --home")
         h.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        home = _trusted_home(h)
+        home = trusted_home(h)
         try:
             os.close(private_dir(home, h.log_dir.name, h.log_dir))
             self._run = private_dir(home, h.run_dir.name, h.run_dir)
@@ -63,6 +61,21 @@ class HomeLock:
             self.release()
             raise
         return token
+
+    def share_socket(self, gid: int) -> None:
+        """After the socket is bound: let the group gid (the agent user's, kernel/agentuser.py)
+        connect to it. The home and run/ become searchable by all (run/ 0711: its names
+        cannot be listed), the socket group gid and 0660; the token stays 0600, log/ 0700.
+        A later boot without an agent user makes run/ 0700 again."""
+        home = trusted_home(self.home)
+        try:
+            os.fchmod(home, stat.S_IMODE(os.fstat(home).st_mode) | 0o011)
+        finally:
+            os.close(home)
+        os.fchmod(self._run, 0o711)
+        name = self.home.socket_path.name   # run/ is ours alone: no link can be planted there
+        os.chown(name, -1, gid, dir_fd=self._run, follow_symlinks=False)
+        os.chmod(name, 0o660, dir_fd=self._run)
 
     def release(self) -> None:
         """Remove the socket, the token and the pid file, then drop the lock. Idempotent."""
@@ -81,7 +94,7 @@ class HomeLock:
         """Open and flock the pid file; retry if a releasing kernel unlinked it under us."""
         path, name = self.home.pid_path, self.home.pid_path.name
         for _ in range(10):
-            fd = _open_in(self._run, path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_in(self._run, path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -113,60 +126,13 @@ class HomeLock:
             pass
         tmp = f".{path.name}.{os.getpid()}"
         _unlink(tmp, self._run)
-        fd = _open_in(self._run, path.with_name(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_in(self._run, path.with_name(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path.name, src_dir_fd=self._run, dst_dir_fd=self._run)
-
-
-def _trusted_home(h: Home) -> int:
-    """An fd of the home directory, checked: ours and writable by us alone. A symlinked
-    home is followed (~/.llmos -> /data/llmos is fine); its target is what is checked."""
-    fd = os.open(h.path, _DIR)
-    st = os.fstat(fd)
-    me, mode = os.getuid(), stat.S_IMODE(st.st_mode)
-    problem = (f"owned by uid {st.st_uid}, not by us (uid {me})" if st.st_uid != me else
-               f"mode {mode:04o} lets group or others write in it" if mode & 0o022 else None)
-    if problem:
-        os.close(fd)
-        raise HomeError(f"{h.path}: {problem}; refusing to use it as a home")
-    return fd
-
-
-def private_dir(parent: int, name: str, path) -> int:
-    """Make parent/name a 0700 directory owned by us and return an fd of it; refuse a
-    symlink or another user's directory (path names it in the error)."""
-    try:
-        os.mkdir(name, 0o700, dir_fd=parent)
-    except FileExistsError:
-        pass
-    try:
-        fd = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=parent)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise HomeError(f"{path}: exists and is not a directory") from None
-        raise
-    st = os.fstat(fd)
-    if st.st_uid != os.getuid():
-        os.close(fd)
-        raise HomeError(f"{path}: owned by uid {st.st_uid}, not by us (uid {os.getuid()}); "
-                        f"refusing to use it")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.fchmod(fd, 0o700)
-    return fd
-
-
-def _open_in(dir_fd: int, path, flags: int, mode: int) -> int:
-    """Open path's name in dir_fd, never through a symlink (HomeError naming path)."""
-    try:
-        return os.open(path.name, flags | _NOFOLLOW, mode, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise HomeError(f"{path}: is a symlink; refusing to use this home") from None
-        raise
 
 
 def _unlink(name: str, dir_fd: int) -> None:

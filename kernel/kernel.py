@@ -29,14 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
-from llmos.syscalls.errors import E2BIG, EACCES, EINVAL, ENOENT, ESRCH, SyscallError
+from llmos.syscalls.errors import E2BIG, EACCES, EAGAIN, EINVAL, ENOENT, ESRCH, SyscallError
+from llmos.syscalls.numbers import Sys, sys_name
 from llmos.syscalls.types import Completion, Hello, ProcInfo, ProcState, WaitStatus
 
 from . import inbox as cmd
 from . import tunables
+from .audit import AuditLog
 from .loop import EngineLoop
-from .peers import peer_credentials
-from .proc import ProcTable, first_free_pid
+from .peers import is_loopback, peer_address, peer_credentials
+from .proc import NOSIG, ProcTable, first_free_pid, parse_signal, signal_name
 from .sampler import Sampler
 from .timers import Timers
 
@@ -48,14 +50,19 @@ SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "sto
 
 
 class Supervisor:
-    def __init__(self, home, engine, model_name: str, owner_token: str):
+    def __init__(self, home, engine, model_name: str, owner_token: str, agent_user=None,
+                 max_agents: int | None = None):
         self.home, self.engine, self.model_name = home, engine, model_name
         self._owner_token = owner_token.encode()
+        self.audit = AuditLog.open(home.log_dir)        # log/audit.log (kernel/audit.py)
         self.started = time.time()
         self.procs = ProcTable(on_exit=self._exited, on_signal=self._signalled,
-                               first_pid=first_free_pid(home.log_dir))
+                               first_pid=first_free_pid(home.log_dir), user=agent_user,
+                               max_agents=max_agents)
         self.loop = EngineLoop(engine, self.procs, on_crash=self._engine_crashed)
         self.timers = Timers()
+        self.timers.every(self.audit.period, self.audit.tick)
+        self._shares: dict[int, set] = {}      # pid -> share groups it joined; procs.lock
         self.sampler = Sampler(self.procs).start()
         self.tokenizers = ThreadPoolExecutor(tunables.TOKENIZE_WORKERS, "llmos-tokenize")
         self.dead = threading.Event()          # the engine crashed: the daemon exits 1
@@ -66,6 +73,7 @@ class Supervisor:
         self.timers.stop()
         self.sampler.stop()
         self.tokenizers.shutdown(wait=False, cancel_futures=True)
+        self.audit.close()
 
     # ---- processes ------------------------------------------------------------------
     def hello(self, conn, token: str) -> Hello:
@@ -82,14 +90,22 @@ class Supervisor:
             if proc is None:
                 raise SyscallError(EACCES, "hello: wrong token")
         conn.pid = proc.pid
+        os_pid, conn.uid = peer_credentials(conn.fd) or (None, None)
+        self.audit.record("hello", pid=proc.pid, uid=conn.uid, os_pid=os_pid, owner=conn.owner,
+                          **_key(conn))
         return Hello(proc.pid, proc.ppid, os.getpid(), 1, conn.owner)
 
     def _check_owner(self, conn) -> None:
         """The owner's token counts only from the owner: on a unix socket the peer must run
         as our uid (or root) and must not be one of our agents or their descendants, who
-        run as our uid and could read the token from the home. Raises EACCES."""
+        run as our uid and could read the token from the home. On tcp, which has no peer
+        credentials, it counts over a CURVE connection with an allowed key, or from this
+        machine (loopback). Raises EACCES."""
         cred = peer_credentials(conn.fd)
-        if cred is None:                       # tcp: the token (and CURVE) must do
+        if cred is None:
+            if conn.key is None and not is_loopback(peer_address(conn.fd)):
+                raise SyscallError(EACCES, "hello: the owner's token counts over tcp only "
+                                           "with an allowed CURVE key or from loopback")
             return
         pid, uid = cred
         if uid not in (os.getuid(), 0):
@@ -101,17 +117,39 @@ class Supervisor:
         if os.getpid() in ancestors:
             log.warning("hello refused: os pid %d, a descendant of the kernel, used the "
                         "owner's token", pid)
-            raise SyscallError(EACCES, "hello: an agent may not use the owner's token; "
-                                       "it acts with its own (LLMOS_TOKEN)")
+            raise SyscallError(EACCES, "hello: the owner's token is refused from agents and "
+                                       "the programs they start: an agent says hello with its "
+                                       "own secret (connect() reads it at start-up), and a "
+                                       "program it starts is an llmos process only if started "
+                                       "with spawn() or `llmos run`")
 
     def check_caller(self, conn) -> None:
         """Before every call after hello: the connection's process must be alive (a dead
         agent's connection acts for nobody). Raises ESRCH."""
         self.procs.live(conn.pid)
 
-    def spawn(self, caller: int, argv: list, name=None, nice=None, env=None) -> int:
-        return self.procs.spawn(argv, name=name, nice=nice or 0, parent=caller, env_extra=env,
-                                socket_path=self.home.socket_url, log_dir=self.home.log_dir).pid
+    def denied(self, call, code: str, msg: str) -> None:
+        """I/O thread: call was refused with EPERM, EACCES or EAGAIN: an audit record.
+        Before hello it names the peer's uid and os pid by SO_PEERCRED."""
+        conn, what = call.conn, {}
+        uid = conn.uid
+        if conn.pid is None:
+            what["os_pid"], uid = peer_credentials(conn.fd) or (None, None)
+        if call.nr == Sys.HELLO:
+            event = "hello_refused"
+        else:
+            event, what["syscall"] = "limit" if code == EAGAIN else "denied", sys_name(call.nr)
+        self.audit.record(event, limited=True, pid=conn.pid, uid=uid, **what, code=code,
+                          reason=msg, **_key(conn))
+
+    def spawn(self, caller: int, argv: list, name=None, nice=None, env=None,
+              uid: int | None = None) -> int:
+        """Start argv as caller's child; uid (the caller's, for the audit log)."""
+        p = self.procs.spawn(argv, name=name, nice=nice or 0, parent=caller, env_extra=env,
+                             socket_path=self.home.socket_url, log_dir=self.home.log_dir)
+        self.audit.record("spawn", pid=caller, uid=uid, target=p.pid, name=p.name,
+                          argv0=p.argv[0], os_pid=p.os_pid)
+        return p.pid
 
     def exit(self, caller: int, status: int) -> None:
         self.procs.detach(caller, status)
@@ -128,11 +166,17 @@ class Supervisor:
                     call.reply(WaitStatus(pid, False, None))
             self.timers.after(timeout, expire)
 
-    def kill(self, caller: int, owner: bool, pid: int, sig) -> None:
+    def kill(self, caller: int, owner: bool, pid: int, sig, uid: int | None = None) -> None:
+        """Signal pid for caller; uid (the caller's, for the audit log)."""
         self.procs.kill(pid, sig, caller, owner)
+        num = parse_signal(sig)
+        if num != NOSIG:                       # kill(pid, 0) only asks
+            self.audit.record("signal", pid=caller, uid=uid, target=pid,
+                              signal=signal_name(num))
 
     def _exited(self, proc, rids: list, contexts: list) -> None:
         """Process table hook, under its lock: release what the dead process held."""
+        self._shares.pop(proc.pid, None)
         self.loop.put(cmd.Release(proc, rids, contexts))
 
     def _signalled(self, proc, sig: int, rids: list) -> None:
@@ -230,6 +274,7 @@ class Supervisor:
             if ctx is not None and ctx not in proc.contexts:
                 raise SyscallError(ESRCH, f"context: no context {ctx} of process {caller}")
             proc.requests[key] = rid
+            self._join(call, a["share"])
 
         def queue(tokens: list, chat: bool) -> None:
             with self.procs.lock:
@@ -261,6 +306,17 @@ class Supervisor:
             if rid is None:
                 raise SyscallError(ESRCH, f"call: no generate {call_id} in flight")
             self.loop.put(cmd.Abort(rid))
+
+    def _join(self, call, share: str | None) -> None:
+        """Under procs.lock: the caller names share group `share`; its first time is
+        audited (later calls that name it again are not)."""
+        if share is None:
+            return
+        groups = self._shares.setdefault(call.conn.pid, set())
+        if share not in groups:
+            groups.add(share)
+            self.audit.record("share", pid=call.conn.pid, uid=call.conn.uid,
+                              syscall=sys_name(call.nr), group=share)
 
     def _salt(self, proc, share: str | None) -> bytes:
         """Prefix-cache salt: the processes of one tree (tree_root) share cached prefixes,
@@ -316,6 +372,7 @@ class Supervisor:
         with self.procs.lock:
             proc = self.procs.live(caller)
             proc.contexts.add(cid)
+            self._join(call, share)
 
         def queue(tokens: list) -> None:
             with self.procs.lock:
@@ -361,3 +418,8 @@ class Supervisor:
     def _engine_crashed(self, exc: BaseException) -> None:
         log.error("engine crashed: %r; the kernel exits", exc)
         self.dead.set()
+
+
+def _key(conn) -> dict:
+    """{"key": name or Z85} of a CURVE connection, for audit records; {} otherwise."""
+    return {"key": conn.key_name or conn.key} if conn.key is not None else {}

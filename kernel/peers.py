@@ -7,6 +7,17 @@ connection closes (the socket monitor's DISCONNECTED) or the id turns up on anot
 connection, the old state is dropped: its process, if attached, exits; the newcomer
 starts unauthenticated.
 
+The monitor reports a closed fd late, and the kernel may have given its number to a new
+connection meanwhile (a client that exits and reconnects at once): so a DISCONNECTED
+drops the peer at that fd only if its socket (its inode, taken when the state was made)
+is no longer the one open there, or its other end hung up; otherwise it is checked again
+RECHECK seconds later (libzmq may close a connection itself, just after the event).
+
+A CURVE connection's key (the ZAP User-Id, kernel/zap.py) is read when its state is made
+and kept in it (ConnState.key): a connection has one key for its life, fixed by its
+handshake, so state bound to the connection is bound to that key, and a routing id
+reused on another connection, or under another key, inherits nothing.
+
 Budgets. Authenticated peers (processes' connections): at most MAX_PEERS; a hello past
 it is EAGAIN. Peers that have not said hello ("guests"): at most MAX_GUESTS, each for at
 most GUEST_TTL seconds; a new guest may push out the oldest guest, never an
@@ -14,16 +25,22 @@ authenticated peer. I/O thread only.
 """
 from __future__ import annotations
 
+import ipaddress
+import os
+import select
 import socket
 import struct
 import time
 from typing import Callable
+
+import zmq
 
 from .syscall import ConnState
 
 MAX_PEERS = 4096            # authenticated connections (processes may have several)
 MAX_GUESTS = 256            # connections that have not said hello yet
 GUEST_TTL = 10.0            # seconds a connection may stay without saying hello
+RECHECK = 1.0               # seconds after which a DISCONNECTED of a still-open fd is checked again
 
 
 class PeerTable:
@@ -34,10 +51,15 @@ class PeerTable:
         self._by_fd: dict[int, bytes] = {}
         self._guests: dict[bytes, float] = {}       # id -> when it arrived (oldest first)
         self.authenticated = 0
+        self.key_names: dict[str, str] = {}         # CURVE key -> its name (the ZAP handler's)
+        self.rechecks: dict[int, tuple[bytes, float]] = {}   # fd -> (peer, when to look again)
 
-    def admit(self, peer: bytes, fd: int | None, drop: Callable[[bytes, str], None]) -> ConnState:
+    def admit(self, peer: bytes, fd: int | None, drop: Callable[[bytes, str], None],
+              head: zmq.Frame | None = None) -> ConnState:
         """The state of `peer` on connection `fd`, made fresh if it is new or came back on
-        another connection. drop(id, why) is called for each peer that must go first."""
+        another connection. drop(id, why) is called for each peer that must go first.
+        head: the message's first frame, asked for the connection's CURVE key when the
+        state is made (None: no connection has one)."""
         conn = self.by_id.get(peer)
         if conn is not None and fd is not None and conn.fd != fd:
             drop(peer, "its id came back on a new connection")
@@ -45,9 +67,12 @@ class PeerTable:
         if conn is None:
             self._make_room(drop)
             conn = self.by_id[peer] = ConnState(peer)
-            conn.fd = fd
+            conn.fd, conn.ino = fd, _inode(fd)
             if fd is not None:
                 self._by_fd[fd] = peer
+            if head is not None:
+                conn.key = user_id(head)
+                conn.key_name = self.key_names.get(conn.key)
             self._guests[peer] = time.monotonic()
         conn.last_seen = time.monotonic()
         return conn
@@ -68,9 +93,25 @@ class PeerTable:
         if self._guests.pop(conn.peer, None) is not None:
             self.authenticated += 1
 
-    def on_fd(self, fd: int) -> bytes | None:
-        """The peer whose connection is fd, if any."""
-        return self._by_fd.get(fd)
+    def disconnected(self, fd: int) -> bytes | None:
+        """The monitor says connection fd closed: the peer to drop now, if any (see the
+        module docstring; a still-open socket at fd is looked at again by due())."""
+        peer = self._by_fd.get(fd)
+        if peer is not None and _open(fd, self.by_id[peer].ino):
+            self.rechecks[fd] = peer, time.monotonic() + RECHECK
+            return None
+        return peer
+
+    def due(self) -> list[bytes]:
+        """The peers whose late-checked connection is closed after all."""
+        now, gone = time.monotonic(), []
+        for fd, (peer, when) in list(self.rechecks.items()):
+            if when <= now:
+                del self.rechecks[fd]
+                conn = self.by_id.get(peer)
+                if conn is not None and conn.fd == fd and not _open(fd, conn.ino):
+                    gone.append(peer)
+        return gone
 
     def remove(self, peer: bytes) -> ConnState | None:
         conn = self.by_id.pop(peer, None)
@@ -83,16 +124,48 @@ class PeerTable:
         return conn
 
 
+def user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id of frame's connection (a CURVE client's Z85 key), or None (no ZAP)."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:                           # EINVAL: the connection has none
+        return None
+
+
+def is_loopback(host: str | None) -> bool:
+    """host is "localhost" or a loopback IP address (127.0.0.0/8, ::1, ::ffff:127.x)."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False                  # "*", an interface name, a host name: not provably local
+    mapped = getattr(ip, "ipv4_mapped", None)          # ::ffff:127.0.0.1 (IPv6 only)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def peer_address(fd: int | None) -> str | None:
+    """The IP address at the other end of tcp socket fd, or None (not tcp, gone)."""
+    s = _socket(fd)
+    if s is None:
+        return None
+    try:
+        return s.getpeername()[0] if s.family in (socket.AF_INET, socket.AF_INET6) else None
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
 def peer_credentials(fd: int | None) -> tuple[int, int] | None:
     """(pid, uid) of the process at the other end of unix socket fd (SO_PEERCRED), or
     None where there is none (tcp, not Linux, the connection already gone)."""
-    if fd is None or not hasattr(socket, "SO_PEERCRED"):
+    s = _socket(fd) if hasattr(socket, "SO_PEERCRED") else None
+    if s is None:
         return None
     try:
-        s = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)    # a dup: ours to close
-    except OSError:
-        return None
-    try:
+        if s.family != socket.AF_UNIX:         # tcp would answer uid -1, not an error
+            return None
         pid, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                        struct.calcsize("3i")))
     except OSError:
@@ -100,3 +173,35 @@ def peer_credentials(fd: int | None) -> tuple[int, int] | None:
     finally:
         s.close()
     return pid, uid
+
+
+def _inode(fd: int | None) -> int | None:
+    """The inode of the socket open at fd (sockets' inodes are not reused soon), or None."""
+    try:
+        return os.fstat(fd).st_ino if fd is not None else None
+    except OSError:
+        return None
+
+
+def _open(fd: int, ino: int | None) -> bool:
+    """fd is still the socket ino, and its other end has not hung up."""
+    if ino is None or _inode(fd) != ino:
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLRDHUP)            # POLLHUP, POLLERR, POLLNVAL come anyway
+    return not p.poll(0)
+
+
+def _socket(fd: int | None) -> socket.socket | None:
+    """A socket object on a dup of fd (ours to close), its family read from the fd."""
+    if fd is None:
+        return None
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        return socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return None

@@ -40,10 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from llmos.syscalls.errors import (EAGAIN, ECHILD, EINVAL, EPERM, ESRCH, SyscallError)
+from llmos.syscalls.secret import TOKEN_FD_ENV, hand_over
 from llmos.syscalls.types import ProcState
 
-from . import subreaper
+from . import subreaper, tunables
 from .reaper import Reaper
 
 PID_MAX = 1 << 22              # pids wrap here (Linux's pid_max on 64-bit)
@@ -62,7 +65,7 @@ class Proc:
     name: str
     argv: list
     owner: int                         # uid of the user it runs for
-    token: str                         # its secret: LLMOS_TOKEN of a spawned process
+    token: str                         # its secret: handed to a spawned process in a pipe
     attached: bool                     # True: not our child (we cannot waitpid it)
     started_at: float                  # time.time() at alloc
     started_mono: float                # time.monotonic() at alloc
@@ -131,13 +134,21 @@ def parse_signal(sig: int | str) -> int:
     return int(num)
 
 
+def default_max_agents() -> int:
+    """How many agents fit: AGENT_MEMORY each in the machine's memory, within bounds."""
+    fit = psutil.virtual_memory().total // tunables.AGENT_MEMORY
+    return max(tunables.MIN_AGENTS, min(tunables.MAX_AGENTS, fit))
+
+
 def signal_name(num: int) -> str:
     return signal.Signals(num).name[3:] if num else "0"
 
 
 class ProcTable:
     def __init__(self, on_exit: Callable | None = None, on_signal: Callable | None = None,
-                 first_pid: int = 1):
+                 first_pid: int = 1, max_agents: int | None = None, user=None):
+        self.max_agents = max_agents or default_max_agents()   # live OS processes we started
+        self.user = user                               # AgentUser agents run as; None: ours
         self.on_exit = on_exit or (lambda proc, rids, cids: self.released(proc))
         self.on_signal = on_signal or (lambda proc, sig, rids: None)
         self.lock = threading.RLock()                  # reentrant: hooks may call back in
@@ -164,6 +175,9 @@ class ProcTable:
                 raise SyscallError(ESRCH, f"parent: no live process {parent}")
             if len(self._procs) >= MAX_PROCS:
                 raise SyscallError(EAGAIN, f"process table full ({MAX_PROCS} processes)")
+            if not attached and self._agents() >= self.max_agents:
+                raise SyscallError(EAGAIN, f"{self.max_agents} agent processes are running, "
+                                           "the most this kernel starts (llmos up --max-agents)")
             pid = self._take_pid()
             now = time.monotonic()
             p = Proc(pid=pid, name=name, argv=list(argv),
@@ -173,6 +187,10 @@ class ProcTable:
             self._procs[pid] = p
             self._by_token[p.token] = p
             return p
+
+    def _agents(self) -> int:
+        """Live rows of processes we started (a spawn in progress counts: its row is alive)."""
+        return sum(1 for p in self._procs.values() if p.alive and not p.attached)
 
     def _take_pid(self) -> int:
         while self._next_pid in self._procs:
@@ -201,8 +219,10 @@ class ProcTable:
         """Start argv as a real OS process in its own session and process group, set to
         die with the kernel (kernel/subreaper.py); return its row.
 
-        Its environment is ours plus env_extra plus LLMOS_SOCKET, LLMOS_TOKEN (its own
-        secret) and LLMOS_PID; stdin is /dev/null; stdout and stderr go to
+        Its environment is ours plus env_extra plus LLMOS_SOCKET, LLMOS_PID and
+        LLMOS_TOKEN_FD, an inherited pipe that holds its secret (syscalls/secret.py: never
+        the secret itself, which a sibling could read in /proc/<pid>/environ); it runs as
+        the table's agent user if there is one; stdin is /dev/null; stdout and stderr go to
         log_dir/<pid>.log, a new file (an older one of that pid is moved to <pid>.log.old).
         Raises ESRCH (parent), EAGAIN (table full), EINVAL (argv or env the OS cannot
         take), or the errno name of a failed exec (ENOENT, EACCES, ...).
@@ -212,10 +232,10 @@ class ProcTable:
             raise SyscallError(EINVAL, "argv: empty")
         p = self.alloc(name or Path(argv[0]).name, argv, parent=parent, nice=nice, owner=owner)
         env = {**os.environ, **(env_extra or {}), "LLMOS_SOCKET": str(socket_path),
-               "LLMOS_TOKEN": p.token, "LLMOS_PID": str(p.pid)}
+               "LLMOS_PID": str(p.pid)}
         try:
             with subreaper.births:           # until the row has the pid: no stray reaping
-                popen = _start(argv, env, log_dir, f"{p.pid}.log")
+                popen = _start(argv, env, log_dir, f"{p.pid}.log", p.token, self.user)
                 with self.lock:
                     p._popen, p.os_pid = popen, popen.pid
         except (OSError, ValueError) as e:   # ValueError: NUL in argv or env, '=' in a key
@@ -472,22 +492,27 @@ class ProcTable:
                 if p._popen is not None and (p.alive or not alive_only and p.releasing)]
 
 
-def _start(argv: list[str], env: dict, log_dir, log_name: str) -> subprocess.Popen:
-    """Start argv in a session of its own, stdout and stderr to the new log_dir/log_name,
-    both opened relative to one directory fd (a log/ swapped meanwhile cannot redirect
-    them). A start that fails leaves no log. Raises OSError, ValueError."""
+def _start(argv: list[str], env: dict, log_dir, log_name: str, secret: str,
+           user=None) -> subprocess.Popen:
+    """Start argv in a session of its own (as user, if given), stdout and stderr to the new
+    log_dir/log_name, both opened relative to one directory fd (a log/ swapped meanwhile
+    cannot redirect them), secret in a pipe it inherits (its fd in env TOKEN_FD_ENV). A
+    start that fails leaves no log. Raises OSError, ValueError."""
     logs = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = _new_log(logs, log_name)
+        fd, pipe = _new_log(logs, log_name), None
         try:
-            return subreaper.popen(argv, stdin=subprocess.DEVNULL, stdout=fd,
-                                   stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True, close_fds=True)
+            pipe = hand_over(secret)
+            return subreaper.popen(argv, user, stdin=subprocess.DEVNULL, stdout=fd,
+                                   stderr=subprocess.STDOUT, env={**env, TOKEN_FD_ENV: str(pipe)},
+                                   pass_fds=(pipe,), start_new_session=True, close_fds=True)
         except BaseException:
             os.unlink(log_name, dir_fd=logs)   # ours, new and empty: no clutter from a failure
             raise
         finally:
             os.close(fd)
+            if pipe is not None:
+                os.close(pipe)                 # the child's copy is the only one left
     finally:
         os.close(logs)
 

@@ -19,6 +19,12 @@ ROUTER_MANDATORY's EHOSTUNREACH on send) or stopped reading for too long (its qu
 MAX_BACKLOG) is dropped: its calls are finished silently and `on_peer_gone(conn)` tells
 the kernel. Peers are bound to their connection and budgeted (kernel/peers.py); before
 hello a message may be at most MAX_GUEST_MESSAGE bytes.
+
+Endpoints: the home's ipc socket, and optionally a tcp one (`listen`). CURVE, given a
+secret key, applies to tcp endpoints only (libzmq takes a socket's options at each
+bind); with `allowed`, the ZAP handler (kernel/zap.py) admits only the client keys it
+lists, and each connection keeps its key (ConnState.key). A non-loopback tcp address
+without CURVE is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import os
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 import zmq
 
@@ -35,8 +42,9 @@ from llmos.syscalls import wire
 from llmos.syscalls.errors import E2BIG, EAGAIN, EINVAL, WireError
 from llmos.syscalls.numbers import Sys
 
-from .peers import PeerTable
+from .peers import PeerTable, is_loopback
 from .syscall import Call, ConnState, SyscallTable, shutdown_error
+from .zap import DOMAIN, Zap
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
 log = logging.getLogger("llmos.syscalls")
@@ -47,7 +55,6 @@ ALWAYS = frozenset({Sys.KILL, Sys.CANCEL, Sys.EXIT, Sys.PING})  # never refused 
 MAX_BACKLOG = 4 * MAX_INFLIGHT  # unsent messages per peer before it is dropped as not reading
 MAX_GUEST_MESSAGE = 4096    # bytes of a message before hello: a hello or ping is ~100
 RECV_BATCH = 256            # requests taken per wakeup before serving the outbox again
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 def hard_cap(max_message: int) -> int:
@@ -63,24 +70,40 @@ def check_endpoint(endpoint: str, curve: bool) -> str | None:
         return endpoint[len("ipc://"):]
     if endpoint.startswith("tcp://"):
         host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
-        if host not in LOOPBACK and not curve:
-            raise ValueError(f"refusing {endpoint}: a non-loopback address needs CURVE keys")
+        if not curve and not is_loopback(host.strip("[]")):
+            raise ValueError(f"refusing {endpoint}: a non-loopback address needs CURVE "
+                             f"(an allow-list of client keys); drop --no-curve, or listen "
+                             f"on 127.0.0.1")
         return None
     raise ValueError(f"unsupported endpoint {endpoint!r}: use ipc://path or tcp://127.0.0.1:port")
 
 
+def check_listen(endpoint: str, curve: bool) -> None:
+    """check_endpoint for the extra endpoint (--listen): tcp only."""
+    if check_endpoint(endpoint, curve) is not None:
+        raise ValueError(f"--listen {endpoint}: tcp://HOST:PORT only (the home's ipc socket "
+                         f"is served anyway)")
+
+
 class Server:
-    """Serve `table` at `endpoint`. start() binds (raises zmq.ZMQError / ValueError) and
-    starts the I/O thread; close() stops it. `on_peer_gone(conn)` runs on the I/O thread."""
+    """Serve `table` at `endpoint` and at `listen` (a tcp endpoint, or None). start() binds
+    (raises zmq.ZMQError / ValueError) and starts the I/O thread; close() stops it.
+    `on_peer_gone(conn)` runs on the I/O thread. curve_secret_key: tcp endpoints use
+    CURVE; allowed() -> {Z85 public key: name}: the clients they admit (None: any key)."""
 
     def __init__(self, endpoint: str, table: SyscallTable, *, on_peer_gone=None,
-                 curve_secret_key: bytes | None = None, max_message: int = wire.MAX_MESSAGE,
-                 hwm: int = HWM):
+                 listen: str | None = None, curve_secret_key: bytes | None = None,
+                 allowed: Callable[[], dict[str, str]] | None = None,
+                 max_message: int = wire.MAX_MESSAGE, hwm: int = HWM):
         self.endpoint, self.table = endpoint, table
         self.on_peer_gone = on_peer_gone
         self.max_message, self.hwm = max_message, hwm
-        self._curve = curve_secret_key
+        self._curve, self._allowed = curve_secret_key, allowed
         self._ipc_path = check_endpoint(endpoint, curve_secret_key is not None)
+        if listen is not None:
+            check_listen(listen, curve_secret_key is not None)
+        self._endpoints = [endpoint] + ([listen] if listen else [])
+        self.bound: list[str] = []                # the endpoints as bound (a tcp port resolved)
         # Any thread: the outbox and its wakeup.
         self._outbox: deque = deque()
         self._wake_lock = threading.Lock()
@@ -96,6 +119,7 @@ class Server:
         self._cancel_on_close = True
         self._thread: threading.Thread | None = None
         self._sock = None
+        self._zap: Zap | None = None
 
     # ---- life cycle -----------------------------------------------------------------
     def start(self) -> "Server":
@@ -106,10 +130,16 @@ class Server:
         s.setsockopt(zmq.RCVHWM, self.hwm)
         s.setsockopt(zmq.MAXMSGSIZE, hard_cap(self.max_message))
         s.setsockopt(zmq.LINGER, 0)
-        if self._curve is not None:
-            s.curve_server = True
-            s.curve_secretkey = self._curve
-        s.bind(self.endpoint)
+        if self._curve is not None and self._allowed is not None:
+            self._zap = Zap(self._ctx, self._allowed)       # bound before any CURVE endpoint
+            self._peers.key_names = self._zap.names
+        for endpoint in self._endpoints:
+            curve = self._curve is not None and endpoint.startswith("tcp://")
+            s.curve_server = curve                          # taken by this bind only
+            if curve:
+                s.curve_secretkey, s.zap_domain = self._curve, DOMAIN
+            s.bind(endpoint)
+            self.bound.append(s.getsockopt(zmq.LAST_ENDPOINT).decode())
         self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         if self._ipc_path:
             os.chmod(self._ipc_path, 0o600)
@@ -164,13 +194,21 @@ class Server:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        zap = self._zap.sock if self._zap else None
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         try:
             while not self._stopping:
                 ready = dict(poller.poll(5 if self._queues else 1000))
                 if self._wake_r in ready:
                     self._take_wakeup()
+                if zap in ready:
+                    self._zap.serve()
                 if self._monitor in ready:      # before new messages: a closed connection
                     self._take_disconnects()    # must be forgotten before its id is reused
+                if self._peers.rechecks:
+                    for peer in self._peers.due():
+                        self._drop_peer(peer, "disconnected")
                 if self._sock in ready:
                     self._recv_batch()
                 self._serve_outbox()
@@ -191,7 +229,7 @@ class Server:
         from zmq.utils.monitor import recv_monitor_message
         while self._monitor.getsockopt(_EVENTS) & _POLLIN:
             event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            peer = self._peers.on_fd(int(event["value"]))
+            peer = self._peers.disconnected(int(event["value"]))
             if peer is not None:
                 self._drop_peer(peer, "disconnected")
 
@@ -201,11 +239,13 @@ class Server:
             if not sock.getsockopt(_EVENTS) & _POLLIN:   # cheaper than catching Again
                 return
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            self._handle(frames[0].get(zmq.SRCFD), [f.bytes for f in frames])
+            self._handle(frames[0].get(zmq.SRCFD), [f.bytes for f in frames],
+                         frames[0] if self._zap else None)
             self._serve_outbox()
 
-    def _handle(self, fd: int | None, frames: list) -> None:
-        conn = self._peers.admit(frames[0], fd, self._drop_peer)
+    def _handle(self, fd: int | None, frames: list, head: zmq.Frame | None = None) -> None:
+        """One message; head: its first frame, for the connection's CURVE key (or None)."""
+        conn = self._peers.admit(frames[0], fd, self._drop_peer, head)
         if not conn.authenticated and sum(len(f) for f in frames[1:]) > MAX_GUEST_MESSAGE:
             msg = f"a message before hello may be at most {MAX_GUEST_MESSAGE} bytes"
             return self._enqueue(conn.peer, None, "msg", wire.encode_error(None, E2BIG, msg))
@@ -226,6 +266,7 @@ class Server:
                 clash = None
                 conn.calls[req.id] = call
         if clash:
+            self.table.denied(call, *clash)         # EAGAIN: for the audit log
             return self._enqueue(conn.peer, req.id, "msg", wire.encode_error(req.id, *clash))
         self.table.dispatch(call, req.args)
         if conn.authenticated:
@@ -330,4 +371,6 @@ class Server:
                 self._serve_outbox()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
+        if self._zap is not None:
+            self._zap.close()
         self._sock.close(linger=100)

@@ -89,11 +89,15 @@ def pdeathsig_prefix() -> tuple[str, ...]:
     return (SETPRIV, "--pdeathsig", "KILL", "--")
 
 
-def popen(argv: list[str], **kw) -> subprocess.Popen:
-    """subprocess.Popen(argv, **kw), started so that it dies with this process. The caller
-    holds `births` until its table knows the pid. Raises what Popen raises, including the
+def popen(argv: list[str], user=None, **kw) -> subprocess.Popen:
+    """subprocess.Popen(argv, **kw), started so that it dies with this process; with user
+    (an AgentUser, kernel/agentuser.py), as that user in its cwd. The caller holds
+    `births` until its table knows the pid. Raises what Popen raises, including the
     OSError of a failed exec of argv[0] (ENOENT, EACCES, ...) though setpriv does the exec."""
     prefix = pdeathsig_prefix()
+    if user is not None:       # one setpriv: it changes the uid, then sets the death signal
+        prefix = (SETPRIV, *user.setpriv_opts, *(prefix[1:] or ("--",)))
+        kw["cwd"] = user.cwd
     if prefix:
         check_exec(argv[0], kw.get("env"))
     return _forker.submit(subprocess.Popen, [*prefix, *argv], **kw).result()

@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, NamedTuple
 
 from llmos.syscalls import wire
-from llmos.syscalls.errors import EACCES, ECANCELED, EIO, ENOSYS, SyscallError
+from llmos.syscalls.errors import EACCES, EAGAIN, ECANCELED, EIO, ENOSYS, EPERM, SyscallError
 from llmos.syscalls.numbers import Sys, sys_name
 from llmos.syscalls.specs import SPECS
 from llmos.syscalls.types import to_wire
@@ -29,30 +29,37 @@ PENDING = type("Pending", (), {"__repr__": lambda self: "PENDING"})()
 """Returned by a handler that will finish its call later, from another thread."""
 
 OPEN_BEFORE_HELLO = frozenset({Sys.PING, Sys.HELLO})
+DENIALS = frozenset({EPERM, EACCES, EAGAIN})     # error replies the audit log records
 
 
 class ConnState:
     """One peer (a DEALER identity) as the server sees it.
 
     I/O thread only: peer, authenticated, last_seen, gone. Set once by hello (I/O thread):
-    pid (the process this connection is), owner (it holds the owner's rights).
+    pid (the process this connection is), owner (it holds the owner's rights), uid (the
+    peer's uid by SO_PEERCRED; None on tcp), for the audit log.
     Guarded by self.lock: calls (call id -> Call in flight).
     """
 
     def __init__(self, peer: bytes):
         self.peer = peer
         self.fd: int | None = None           # the connection it came on (kernel/peers.py)
+        self.ino: int | None = None          # ...and its socket's inode: fd numbers are reused
+        self.key: str | None = None          # its CURVE key (Z85), set by ZAP at the handshake
+        self.key_name: str | None = None     # the allow-list's name for that key
         self.authenticated = False
         self.pid: int | None = None
         self.owner = False
+        self.uid: int | None = None
         self.last_seen = time.monotonic()
         self.gone = False
         self.lock = threading.Lock()
         self.calls: dict[int, Call] = {}
 
     def name(self) -> str:
-        """'pid 12' or 'peer 0a1b2c3d' for log lines."""
-        return f"pid {self.pid}" if self.pid is not None else f"peer {self.peer.hex()}"
+        """'pid 12' or 'peer 0a1b2c3d' for log lines, then 'key NAME' on CURVE."""
+        who = f"pid {self.pid}" if self.pid is not None else f"peer {self.peer.hex()}"
+        return who if self.key is None else f"{who} key {self.key_name or self.key}"
 
     def in_flight(self) -> list:
         with self.lock:
@@ -136,6 +143,9 @@ class SyscallTable:
         # check_caller(conn) raises SyscallError if conn's process may no longer call
         # (it exited): set by the kernel, run before every call after hello.
         self.check_caller: Callable | None = None
+        # on_denied(call, code, msg) for every DENIALS answer (the audit log): set by the
+        # kernel, called by the dispatcher and by the server for its own EAGAIN refusals.
+        self.on_denied: Callable | None = None
         self.register(Sys.PING, lambda call, args: {})
         self.register(Sys.SYSCALLS, lambda call, args: {"syscalls": self.describe()})
 
@@ -169,14 +179,14 @@ class SyscallTable:
             return
         if not call.conn.authenticated and call.nr not in OPEN_BEFORE_HELLO:
             _guest_errors.note(f"{e.name} before hello")
-            call.error(EACCES, f"{e.name}: say hello first")
+            self.refuse(call, EACCES, f"{e.name}: say hello first")
             return
         try:
             if call.conn.authenticated and self.check_caller is not None:
                 self.check_caller(call.conn)
             result = e.handler(call, e.spec.validate(args))
         except SyscallError as err:
-            call.error(err.code, err.msg)
+            self.refuse(call, err.code, err.msg)
             return
         except Exception:
             log.exception("%s: %s failed", call.conn.name(), e.name)
@@ -186,6 +196,19 @@ class SyscallTable:
             call.conn.authenticated = True    # hello must answer at once; no exception: accepted
         if result is not PENDING:
             call.reply(result)
+
+    def refuse(self, call: Call, code: str, msg: str) -> None:
+        """Answer call with an error; tell on_denied first if it is one of DENIALS."""
+        self.denied(call, code, msg)
+        call.error(code, msg)
+
+    def denied(self, call: Call, code: str, msg: str) -> None:
+        """Tell on_denied of a DENIALS answer to call (other codes: nothing). Never raises."""
+        if code in DENIALS and self.on_denied is not None:
+            try:
+                self.on_denied(call, code, msg)
+            except Exception:
+                log.exception("on_denied failed for %s", call.conn.name())
 
 
 class _RateLimitedLog:
@@ -236,3 +259,4 @@ def install(table: SyscallTable, kernel) -> None:
     for nr, fn in functions.items():
         table.register(nr, partial(fn, kernel))
     table.check_caller = kernel.check_caller
+    table.on_denied = kernel.denied

@@ -18,13 +18,15 @@ def _release() -> str:
 
 
 def sys_sysinfo(k, call, a):
-    e, stats = k.engine, k.loop.snapshot.stats
+    e, stats, user = k.engine, k.loop.snapshot.stats, k.procs.user
     return SysInfo(version=1, release=_release(), driver=e.driver.name,
                    device=str(e.driver.device), model=k.model_name, procs=len(k.procs.procs()),
                    uptime=round(time.time() - k.started, 3), steps=stats.get("steps", 0),
                    computed_tokens=stats.get("computed_tokens", 0),
                    generated_tokens=stats.get("generated_tokens", 0),
-                   preemptions=stats.get("preemptions", 0))
+                   preemptions=stats.get("preemptions", 0),
+                   agent_user=user.name if user else None, isolation="uid" if user else "none",
+                   max_agents=k.procs.max_agents)
 
 
 def sys_meminfo(k, call, a):

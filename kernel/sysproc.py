@@ -14,7 +14,8 @@ def sys_hello(k, call, a):
 
 
 def sys_spawn(k, call, a):
-    return {"pid": k.spawn(call.conn.pid, a["argv"], a["name"], a["nice"], a["env"])}
+    return {"pid": k.spawn(call.conn.pid, a["argv"], a["name"], a["nice"], a["env"],
+                           uid=call.conn.uid)}
 
 
 def sys_exit(k, call, a):
@@ -28,7 +29,7 @@ def sys_wait(k, call, a):
 
 
 def sys_kill(k, call, a):
-    k.kill(call.conn.pid, call.conn.owner, a["pid"], a["sig"])
+    k.kill(call.conn.pid, call.conn.owner, a["pid"], a["sig"], uid=call.conn.uid)
     return {}
 
 

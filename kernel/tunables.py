@@ -15,3 +15,13 @@ TOKENIZE_WORKERS = 2             # threads that tokenize long texts (off the I/O
 CHARS_PER_TOKEN = 32             # text longer than context length x this is E2BIG untokenized
 SAMPLE_PERIOD = 1.0              # s between psutil samples of every process's CPU and RSS
 HEARTBEAT_TIMEOUT = 30.0         # s of silence after which an attached program is taken for dead
+KERNEL_LOG_MAX = 10 << 20        # bytes of log/kernel.log before it rotates to kernel.log.1
+KERNEL_LOG_KEEP = 3              # rotated kernel logs kept (kernel.log.1..3): <= 40 MiB in all
+AUDIT_LOG_MAX = 10 << 20         # bytes of log/audit.log before it rotates to audit.log.1
+AUDIT_LOG_KEEP = 3               # rotated audit logs kept (audit.log.1..3): <= 40 MiB in all
+AUDIT_BURST = 20                 # refusals of one kind from one caller recorded per AUDIT_PERIOD;
+AUDIT_PERIOD = 60.0              # s; the rest are counted in one "suppressed" record, so a flood
+                                 # of bad hellos cannot rotate the evidence away
+AGENT_MEMORY = 64 << 20          # bytes an agent is assumed to take (a Python SDK agent: ~20 MiB
+                                 # RSS, more once it works): default live agents = memory / this
+MIN_AGENTS, MAX_AGENTS = 16, 1024  # ...within these bounds; llmos up --max-agents overrides

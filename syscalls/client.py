@@ -12,6 +12,10 @@ Liveness: while calls are in flight, a silence of `ping_after` seconds makes the
 send a ping; no message at all within `dead_after` seconds after it fails every waiting
 call with KernelDead, and every later call raises it at once. A per-call deadline
 (`_timeout`) raises CallTimeout and cancels the call in the kernel.
+
+CURVE (a tcp kernel): the client's key pair and the server's public key. A kernel that
+refuses the key (not on its allow-list) answers nothing; the socket monitor's handshake
+failure fails every call at once with KernelDead saying so.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from .numbers import Sys
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
 LEADER_POLL = 0.25          # seconds a leader polls before re-checking liveness and deadlines
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class _Slot:
@@ -41,15 +47,18 @@ class _Slot:
 
 class Connection:
     """A connection to the kernel at `endpoint`; sends hello first when `token` is given
-    (raises SyscallError EACCES, and closes, if refused). Thread-safe."""
+    (raises SyscallError EACCES, and closes, if refused). Thread-safe. curve_server_key
+    (Z85): use CURVE, as curve_keypair (public, secret; default a throwaway pair)."""
 
     def __init__(self, endpoint: str, token: str | None = None, *, timeout: float | None = None,
                  ping_after: float = 1.0, dead_after: float = 2.0,
-                 curve_server_key: bytes | None = None, max_message: int = wire.MAX_MESSAGE,
-                 heartbeat: float | None = None):
+                 curve_server_key: bytes | None = None,
+                 curve_keypair: tuple[bytes, bytes] | None = None,
+                 max_message: int = wire.MAX_MESSAGE, heartbeat: float | None = None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ping_after, self.dead_after, self.max_message = ping_after, dead_after, max_message
-        self._sock = self._open(endpoint, curve_server_key)
+        self._handshake = None          # the socket monitor of a CURVE connection
+        self._sock = self._open(endpoint, curve_server_key, curve_keypair)
         self._cond = threading.Condition()
         # Guarded by _cond.
         self._leading = False
@@ -66,6 +75,8 @@ class Connection:
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        if self._handshake is not None:
+            self._poller.register(self._handshake, zmq.POLLIN)
         self.hello = None
         self._closed = threading.Event()
         if token is not None:
@@ -87,13 +98,14 @@ class Connection:
             except SyscallError:      # dead, timed out, or closed: the calls will tell
                 return
 
-    def _open(self, endpoint, curve_server_key):
+    def _open(self, endpoint, curve_server_key, curve_keypair):
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDTIMEO, int(self.dead_after * 1000))
         if curve_server_key is not None:
-            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.curve_publickey, sock.curve_secretkey = curve_keypair or zmq.curve_keypair()
             sock.curve_serverkey = curve_server_key
+            self._handshake = sock.get_monitor_socket(_HANDSHAKE_FAILED)
         sock.connect(endpoint)
         return sock
 
@@ -143,6 +155,9 @@ class Connection:
                 self._cond.wait(1.0)
             self._leading = True        # nobody may touch the socket again
             sock, self._sock = self._sock, None
+        if self._handshake is not None:
+            sock.disable_monitor()
+            self._handshake.close(linger=0)
         sock.close(linger=0)
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -259,6 +274,8 @@ class Connection:
                 self._drain_wakeups()
             if self._sock in ready:
                 self._recv_all()
+            if self._handshake is not None and self._handshake in ready:
+                self._handshake_failed()
             self._check_liveness()
 
     def _resign(self) -> None:
@@ -326,6 +343,18 @@ class Connection:
             with self._cond:
                 self._fail_all(f"kernel at {self.endpoint} did not answer for "
                                f"{now - self._last_rx:.1f}s")
+
+    def _handshake_failed(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        event = recv_monitor_message(self._handshake, zmq.NOBLOCK)
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = (f"the kernel at {self.endpoint} refused this client's CURVE key "
+                   f"(status {int(event['value'])}: not on its allow-list, see `llmos keys`)")
+        else:
+            why = (f"the CURVE handshake with {self.endpoint} failed: is the server key "
+                   f"the kernel's (HOME/keys/server.pub)?")
+        with self._cond:
+            self._fail_all(why)
 
     def _drain_wakeups(self) -> None:
         try:

@@ -5,12 +5,17 @@ token) is kernel/home.py; this half is shared by both sides and needs no torch.
 Layout (HOME is --home, else $LLMOS_HOME, else ~/.llmos):
 
     HOME/run/             0700, owned by the kernel's user: nobody else may look up the socket
-    HOME/run/kernel.sock  the syscall socket
+                          (0711 with --agent-user: its agents may, without listing run/)
+    HOME/run/kernel.sock  the syscall socket (0600; with --agent-user, 0660 and that user's group)
     HOME/run/kernel.pid   the kernel's pid, exclusively flock()ed for the kernel's life
     HOME/run/token        0600: the owner token, regenerated at every boot
-    HOME/log/kernel.log   the kernel's own log (events: boot, spawn, signal, exit, reap)
+    HOME/log/kernel.log   the kernel's own log (events: boot, spawn, signal, exit, reap),
+                          rotated by size to kernel.log.1..3
+    HOME/log/audit.log    security events, one JSON object a line (kernel/audit.py), 0600,
+                          rotated by size to audit.log.1..3
     HOME/log/kernel.out   stdout and stderr of a kernel started with `llmos up -d`
     HOME/log/<pid>.log    stdout and stderr of spawned process <pid> (never overwritten)
+    HOME/keys/            0700: CURVE keys for a kernel listening on TCP (syscalls/keys.py)
 
 The lock, not the file, says whether a kernel runs: a pid file left by a dead kernel is
 unlocked and is taken over.
@@ -20,10 +25,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 ENV = "LLMOS_HOME"             # overrides the default home
 DEFAULT = "~/.llmos"           # the home when neither --home nor $LLMOS_HOME is given
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NOFOLLOW = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class HomeError(Exception):
@@ -51,7 +59,9 @@ class Home:
         self.pid_path = self.run_dir / "kernel.pid"
         self.token_path = self.run_dir / "token"
         self.kernel_log = self.log_dir / "kernel.log"
+        self.audit_log = self.log_dir / "audit.log"
         self.kernel_out = self.log_dir / "kernel.out"
+        self.keys_dir = self.path / "keys"
 
     def __repr__(self):
         return f"Home({str(self.path)!r})"
@@ -112,3 +122,53 @@ def read_pid(path: Path) -> int | None:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+# ---- opening the home's files safely (the kernel and `llmos keys`) -----------------------
+def trusted_home(h: Home) -> int:
+    """An fd of the home directory, checked: ours and writable by us alone. A symlinked
+    home is followed (~/.llmos -> /data/llmos is fine); its target is what is checked."""
+    fd = os.open(h.path, _DIR)
+    st = os.fstat(fd)
+    me, mode = os.getuid(), stat.S_IMODE(st.st_mode)
+    problem = (f"owned by uid {st.st_uid}, not by us (uid {me})" if st.st_uid != me else
+               f"mode {mode:04o} lets group or others write in it" if mode & 0o022 else None)
+    if problem:
+        os.close(fd)
+        raise HomeError(f"{h.path}: {problem}; refusing to use it as a home")
+    return fd
+
+
+def private_dir(parent: int, name: str, path, create: bool = True) -> int:
+    """Make parent/name a 0700 directory owned by us (create=False: it must exist, else
+    FileNotFoundError) and return an fd of it; refuse a symlink or another user's
+    directory (path names it in the error)."""
+    if create:
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            pass
+    try:
+        fd = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise HomeError(f"{path}: exists and is not a directory") from None
+        raise
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid():
+        os.close(fd)
+        raise HomeError(f"{path}: owned by uid {st.st_uid}, not by us (uid {os.getuid()}); "
+                        f"refusing to use it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def open_in(dir_fd: int, path, flags: int, mode: int) -> int:
+    """Open path's name in dir_fd, never through a symlink (HomeError naming path)."""
+    try:
+        return os.open(path.name, flags | _NOFOLLOW, mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise HomeError(f"{path}: is a symlink; refusing to use this home") from None
+        raise

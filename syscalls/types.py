@@ -195,6 +195,9 @@ class SysInfo(Record):
     computed_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    agent_user: str | None = None  # the user agents run as (`--agent-user`); None: the kernel's
+    isolation: str = "none"        # "uid": agents run under a uid not the kernel's; "none": same
+    max_agents: int = 0            # agent processes running at once, at most (then EAGAIN)
 
 
 @dataclass(frozen=True)

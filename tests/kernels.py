@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,15 @@ def running_kernel(*extra: str, **options):
     finally:
         stop_kernel(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def until(fn, what: str, timeout: float = 60, every: float = 0.05):
+    """Poll fn() until it returns something truthy; return that. Fails (AssertionError)
+    after timeout seconds, naming what it waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(every)

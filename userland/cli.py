@@ -10,7 +10,7 @@ import time
 
 import click
 
-from llmos.userland import commands, kernelctl, listing
+from llmos.userland import commands, kernelctl, keys, listing
 from llmos.userland.kernelctl import DRIVER_HELP, await_kernel, kernel_argv, launch
 
 
@@ -198,6 +198,7 @@ def drivers(as_json) -> None:
 commands.register(main)
 main.add_command(kernelctl.up)
 main.add_command(kernelctl.down)
+main.add_command(keys.keys)
 
 
 if __name__ == "__main__":

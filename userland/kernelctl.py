@@ -11,6 +11,7 @@ import click
 
 DRIVER_HELP = 'cpu, cuda, an installed plugin, or "auto" (the best available); see `llmos drivers`.'
 BOOT_TIMEOUT = 120.0      # seconds `up -d` and `demo` wait for a kernel to answer
+KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first moves it to .1
 
 
 @click.command()
@@ -22,7 +23,18 @@ BOOT_TIMEOUT = 120.0      # seconds `up -d` and `demo` wait for a kernel to answ
               help="KV pool size, e.g. 512M (default: a share of free memory).")
 @click.option("-d", "--detach", is_flag=True,
               help="Run in the background (output in HOME/log/kernel.out); return once it answers.")
-def up(home, model, driver, kv_memory, detach) -> None:
+@click.option("--agent-user", default=None, metavar="USER",
+              help="Run agents as USER, out of reach of the kernel's token and memory "
+                   "(a kernel started as root only).")
+@click.option("--listen", default=None, metavar="tcp://HOST:PORT",
+              help="Also serve this tcp endpoint, with CURVE: only client keys on the "
+                   "allow-list connect (see `llmos keys`).")
+@click.option("--no-curve", is_flag=True,
+              help="--listen without CURVE: a loopback address (127.0.0.1) only.")
+@click.option("--max-agents", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Agent processes running at once, at most (default: one per 64 MiB of "
+                   "memory, 16 to 1024); a spawn past it is EAGAIN.")
+def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max_agents) -> None:
     """Boot the kernel on MODEL (in the foreground unless -d). Refuses a home whose
     kernel is running."""
     from llmos.syscalls.home import Home
@@ -31,18 +43,35 @@ def up(home, model, driver, kv_memory, detach) -> None:
     if pid is not None:
         raise click.ClickException(f"a kernel is already running on {h.path} (pid {pid}); "
                                    f"`llmos down --home {h.path}` stops it")
-    argv = kernel_argv(h, model, driver, kv_memory)
+    argv = kernel_argv(h, model, driver, kv_memory, agent_user) + _listen_argv(listen, no_curve)
+    argv += ["--max-agents", str(max_agents)] if max_agents else []
     if not detach:
         sys.stdout.flush()
         os.execv(argv[0], argv)          # this process becomes the kernel: signals reach it
     kernel, since = launch(h, argv)
     await_kernel(h, kernel, since)
-    click.echo(f"llmos kernel {kernel.pid} listening on {h.socket_url}")
+    click.echo(f"llmos kernel {kernel.pid} listening on {h.socket_url}"
+               + (f" and {listen}" if listen else ""))
 
 
-def kernel_argv(h, model, driver, kv_memory) -> list[str]:
+def _listen_argv(listen, no_curve) -> list[str]:
+    """The kernel's --listen options, checked first: a non-loopback address needs CURVE."""
+    if not listen:
+        if no_curve:
+            raise click.UsageError("--no-curve goes with --listen")
+        return []
+    from llmos.kernel.server import check_listen     # light: no engine, no torch
+    try:
+        check_listen(listen, not no_curve)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    return ["--listen", listen] + (["--no-curve"] if no_curve else [])
+
+
+def kernel_argv(h, model, driver, kv_memory, agent_user=None) -> list[str]:
     argv = [sys.executable, "-m", "llmos.kernel", "--home", str(h.path), "--model", model,
             "--driver", driver]
+    argv += ["--agent-user", agent_user] if agent_user else []
     return argv + (["--kv-memory", kv_memory] if kv_memory else [])
 
 
@@ -51,6 +80,7 @@ def launch(h, argv) -> tuple[subprocess.Popen, int]:
     HOME/log/kernel.out; returns the process and the offset where its output starts."""
     h.path.mkdir(mode=0o700, parents=True, exist_ok=True)
     h.log_dir.mkdir(mode=0o700, exist_ok=True)
+    _rotate_if_big(h.kernel_out)
     try:
         fd = os.open(h.kernel_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o600)
@@ -64,6 +94,17 @@ def launch(h, argv) -> tuple[subprocess.Popen, int]:
     finally:
         os.close(fd)
     return kernel, since
+
+
+def _rotate_if_big(path) -> None:
+    """Move path to path.1 (replacing an older one) once it is past KERNEL_OUT_MAX. The
+    kernel logs to log/kernel.log (rotated by size); kernel.out holds only its boot line
+    and what bypasses logging (a crash's traceback), and this bounds it across boots."""
+    try:
+        if os.stat(path, follow_symlinks=False).st_size > KERNEL_OUT_MAX:
+            os.replace(path, f"{path}.1")        # a planted symlink is moved, not followed
+    except FileNotFoundError:
+        pass
 
 
 def await_kernel(h, kernel, since: int, timeout: float = BOOT_TIMEOUT) -> None:

@@ -123,6 +123,15 @@ def drivers_text(infos, auto: str) -> str:
     return f"{table}\nauto: {auto}"
 
 
+# ---- keys ----------------------------------------------------------------------------
+
+def keys_text(infos) -> str:
+    """The CURVE keys of a home (syscalls/keys.KeyInfo): kind, name, public key, file."""
+    rows = [[i.kind, i.name, i.public or "(unreadable)", i.path] for i in infos]
+    return columns(["KIND", "NAME", "PUBLIC_KEY", "PATH"], rows,
+                   left=("KIND", "NAME", "PUBLIC_KEY", "PATH"))
+
+
 # ---- units ---------------------------------------------------------------------------
 
 def size(n) -> str | None:

@@ -25,7 +25,8 @@ DEAD_BOUND = 15  # s: a dead kernel is KernelDead after ~3 s; generous for a bus
 AGENT = textwrap.dedent("""
     import os, sys
     from llmos.syscalls import Connection, Sys
-    c = Connection(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_TOKEN"], timeout=120)
+    from llmos.syscalls.secret import own_token
+    c = Connection(os.environ["LLMOS_SOCKET"], own_token(), timeout=120)
     r = c.call(Sys.GENERATE, token_ids=[int(t) for t in sys.argv[1].split(",")],
                max_tokens=int(sys.argv[2]), ignore_eos=True)
     print(",".join(map(str, r["token_ids"])))
@@ -88,7 +89,8 @@ def test_sigkill_of_a_streaming_agent_frees_its_blocks(kernel):
     streamer = textwrap.dedent("""
         import os
         from llmos.syscalls import Connection, Sys
-        c = Connection(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_TOKEN"], timeout=600)
+        from llmos.syscalls.secret import own_token
+        c = Connection(os.environ["LLMOS_SOCKET"], own_token(), timeout=600)
         for ev in c.stream(Sys.GENERATE, token_ids=list(range(3, 60)), max_tokens=400,
                            ignore_eos=True, stream=True):
             print(len(ev["token_ids"]), flush=True)
@@ -348,7 +350,7 @@ def test_sysinfo_names_the_driver_in_use_and_a_default_kernel_stays_small(tmp_pa
     import psutil
     home = Home(tmp_path / "home")
     proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel", "--home", str(home.path),
-                             "--driver", "auto"], stdout=subprocess.PIPE,
+                             "--driver", "auto", "--max-agents", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], T)
@@ -356,6 +358,12 @@ def test_sysinfo_names_the_driver_in_use_and_a_default_kernel_stays_small(tmp_pa
         c = connect(home)
         info = c.call(Sys.SYSINFO)
         assert info["driver"] in ("cpu", "sim") and info["driver"] != "auto"
+        assert info["max_agents"] == 2                  # finding 7: live agents are capped
+        for _ in range(2):
+            c.call(Sys.SPAWN, argv=["sleep", "60"])
+        with pytest.raises(SyscallError) as e:
+            c.call(Sys.SPAWN, argv=["sleep", "60"])
+        assert e.value.code == "EAGAIN" and "--max-agents" in str(e.value)
         assert c.call(Sys.GENERATE, prompt="12+47=", max_tokens=8)["text"] == "59"
         kv = c.call(Sys.MEMINFO)["kv"]
         assert kv["total"] * kv["block_size"] > 100_000     # the default pool is big...

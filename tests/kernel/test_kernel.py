@@ -7,6 +7,7 @@ before the first step, a death with work queued, a long text still being tokeniz
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -101,8 +102,16 @@ def run(k) -> None:
     k.loop._publish()
 
 
+_socketpairs = []    # kept open for the session: a connection's fd must stay valid
+
+
 def conn(k, token=TOKEN, peer=b"peer") -> ConnState:
+    """An authenticated connection on a real unix socket to ourselves: its peer credentials
+    are this test process's, as the owner's would be."""
     c = ConnState(peer)
+    pair = socket.socketpair()
+    _socketpairs.append(pair)
+    c.fd = pair[0].fileno()
     k.hello(c, token)
     c.authenticated = True
     return c

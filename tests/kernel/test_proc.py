@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from llmos.kernel import proc as proc_mod
+from llmos.kernel import tunables
 from llmos.kernel.proc import ProcTable, first_free_pid, parse_signal
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.types import ProcState
@@ -193,13 +194,14 @@ def shell(table):
 
 # ---- spawn ---------------------------------------------------------------------------
 
-ENV_SCRIPT = ('echo "$LLMOS_SOCKET $LLMOS_TOKEN $LLMOS_PID $EXTRA $FROM_US"; '
+ENV_SCRIPT = ('read -r secret < /proc/self/fd/$LLMOS_TOKEN_FD; '
+              'echo "$LLMOS_SOCKET $secret $LLMOS_PID $EXTRA $FROM_US"; '
               'readlink /proc/$$/fd/0; cat; echo oops >&2; echo up; exec sleep 60')
 
 
 def test_spawn_environment_stdin_group_and_log(table, shell, tmp_path, monkeypatch):
     monkeypatch.setenv("FROM_US", "inherited")
-    extra = {"EXTRA": "x", "LLMOS_TOKEN": "forged"}       # cannot forge its own token
+    extra = {"EXTRA": "x", "LLMOS_TOKEN_FD": "0"}         # cannot forge its own secret
     p = sh(table, tmp_path, ENV_SCRIPT, shell.pid, env_extra=extra, name="envcheck")
     assert (p.name, p.ppid, p.state, p.attached, p.owner) == \
         ("envcheck", shell.pid, ProcState.SLEEPING, False, os.getuid())
@@ -209,6 +211,7 @@ def test_spawn_environment_stdin_group_and_log(table, shell, tmp_path, monkeypat
     assert log.splitlines() == [f"/s.sock {p.token} {p.pid} x inherited", "/dev/null",
                                 "oops", "up"]
     assert os.stat(tmp_path / f"{p.pid}.log").st_mode & 0o777 == 0o600
+    assert p.token.encode() not in Path(f"/proc/{p.os_pid}/environ").read_bytes()
     assert os.getpgid(p.os_pid) == p.os_pid and os.getsid(p.os_pid) == p.os_pid
     table.kill(p.pid, "KILL", caller=shell.pid)
     assert wait_status(table, p.pid, shell.pid) == KILLED
@@ -276,6 +279,22 @@ def test_table_full_is_eagain(table, monkeypatch):
     assert code_of(table.attach, "d") == "EAGAIN"
     assert wait_status(table, c.pid, a.pid) == 0    # its parent collects it
     assert table.attach("d").pid == c.pid + 1
+
+
+def test_live_agents_are_capped_by_memory_and_a_zombie_does_not_count(make_table, hooks,
+                                                                     tmp_path):
+    # Finding 7 of the protection issue: 300 real processes spawned in 0.4 s, and the only cap
+    # was the 4,096-row table (~80 GiB of Python agents). Live agents are capped by memory.
+    default = proc_mod.default_max_agents()
+    assert tunables.MIN_AGENTS <= default <= tunables.MAX_AGENTS
+    assert default <= max(tunables.MIN_AGENTS, psutil.virtual_memory().total // tunables.AGENT_MEMORY)
+    table = make_table(hooks, max_agents=2)
+    a, b = (table.spawn(["sleep", "60"], log_dir=tmp_path) for _ in range(2))
+    assert code_of(table.spawn, ["sleep", "60"], log_dir=tmp_path) == "EAGAIN"
+    assert table.attach("the-shell").alive          # attached programs are not agents
+    table.kill(a.pid, "KILL", caller=0, owner=True)
+    hooks.wait_exit(a.pid)                          # a zombie holds no OS process
+    assert table.spawn(["sleep", "60"], log_dir=tmp_path).alive
 
 
 # ---- pids and logs -------------------------------------------------------------------

@@ -97,6 +97,21 @@ def test_errors_before_hello_do_not_flood_the_log(kernel):
     assert home.kernel_log.stat().st_size - size < 2000     # a line a minute, not 2,000
 
 
+def test_a_client_that_reconnects_at_once_keeps_its_new_session(kernel):
+    # The old connection's fd number goes to the new one before the kernel reads the old
+    # one's DISCONNECTED; that event dropped the newcomer, whose next call was "say hello
+    # first" (2 in 150 rounds on this box; test_daemon's owner-wait test flaked on it).
+    home, _ = kernel
+    for _ in range(60):
+        starter = owner(home)
+        pid = starter.call(Sys.SPAWN, argv=["/bin/sh", "-c", "exit 4"])["pid"]
+        starter.call(Sys.EXIT, status=0)
+        starter.close()
+        later = owner(home)
+        assert later.call(Sys.WAIT, pid=pid, timeout=T)["status"] == 4
+        later.close()
+
+
 def test_a_reused_routing_id_is_not_the_old_session(kernel):
     """Authentication belonged to the routing id: a new connection that reused an
     authenticated one's id ran ps and spawn as the owner without a token."""
@@ -123,19 +138,16 @@ def test_a_dead_process_connection_acts_for_nobody(kernel):
     agent = textwrap.dedent("""
         import os, time
         from llmos.syscalls import Connection, Sys
-        c = Connection(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_TOKEN"], timeout=60)
-        print(c.hello["pid"], flush=True)
+        from llmos.syscalls.secret import own_token
+        c = Connection(os.environ["LLMOS_SOCKET"], own_token(), timeout=60)
+        print(c.hello["pid"], own_token(), flush=True)
         time.sleep(60)
     """)
     pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", agent])["pid"]
-    token = None
-    # A second connection says hello with the agent's own token (read, as an attacker
-    # could today, from its environment) while the agent lives.
-    until(lambda: home.proc_log(pid).read_text().strip() == str(pid))
-    for p in psutil.Process(next(r["os_pid"] for r in c.call(Sys.PS)["procs"]
-                                 if r["pid"] == pid)).environ().items():
-        if p[0] == "LLMOS_TOKEN":
-            token = p[1]
+    # A second connection says hello with the agent's own secret (here the agent tells
+    # it; see test_a_sibling_cannot_take_an_agents_identity) while the agent lives.
+    until(lambda: home.proc_log(pid).read_text().startswith(f"{pid} "))
+    token = home.proc_log(pid).read_text().split()[1]
     session = Connection(home.socket_url, token, timeout=T)
     assert session.call(Sys.GETPID)["pid"] == pid
     c.call(Sys.KILL, pid=pid, sig="KILL")
@@ -231,7 +243,8 @@ def test_an_agent_cannot_say_hello_as_the_owner(kernel):
         import os
         from llmos.syscalls import Connection, Sys, SyscallError
         from llmos.syscalls.home import Home, read_token
-        mine = Connection(os.environ["LLMOS_SOCKET"], os.environ["LLMOS_TOKEN"], timeout=60)
+        from llmos.syscalls.secret import own_token
+        mine = Connection(os.environ["LLMOS_SOCKET"], own_token(), timeout=60)
         try:
             mine.call(Sys.KILL, pid={sibling}, sig="KILL")
         except SyscallError as e:
@@ -251,4 +264,128 @@ def test_an_agent_cannot_say_hello_as_the_owner(kernel):
                                                              "owner's rights: EACCES"]
     assert c.call(Sys.WAIT, pid=sibling, timeout=0)["exited"] is False    # alive
     c.call(Sys.KILL, pid=sibling, sig="KILL")
+    c.close()
+
+
+# ---- identity: a spawned process's secret ------------------------------------------------
+
+def os_pid_of(c, pid) -> int:
+    return next(r["os_pid"] for r in c.call(Sys.PS)["procs"] if r["pid"] == pid)
+
+
+# Every 64-hex-digit string in a process's environment and in what its open files read
+# (a secret's shape), tried as a hello: the attack of a sibling running as the same uid.
+THIEF = textwrap.dedent("""
+    import os, sys
+    from llmos.syscalls import Connection, SyscallError
+    victim, seen = sys.argv[1], []
+    try:
+        with open(f"/proc/{victim}/environ", "rb") as f:
+            seen += [v.split(b"=", 1)[-1] for v in f.read().split(b"\\0")]
+    except OSError as e:
+        print("environ:", e.strerror)
+    try:
+        fds = os.listdir(f"/proc/{victim}/fd")
+    except OSError as e:
+        print("fd:", e.strerror)
+        fds = []
+    for fd in fds:
+        try:
+            n = os.open(f"/proc/{victim}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            seen += os.read(n, 1 << 16).split()
+        except OSError:
+            pass
+        finally:
+            os.close(n)
+    found = {s.decode() for s in seen
+             if len(s) == 64 and all(ch in b"0123456789abcdef" for ch in s)}
+    became = []
+    for secret in found:
+        try:
+            became.append(Connection(os.environ["LLMOS_SOCKET"], secret, timeout=60).hello["pid"])
+        except SyscallError:
+            pass
+    print("tried", len(found), "became", became, flush=True)
+""")
+
+
+def test_a_sibling_cannot_take_an_agents_identity(kernel):
+    """A spawned agent's secret was in its environment (LLMOS_TOKEN) for its whole life: a
+    sibling of the same uid read /proc/<pid>/environ, said hello with it and was that
+    agent (its rights, its contexts, its children). Now, once the agent has connected,
+    neither its environment nor its open files hold the secret."""
+    home, _ = kernel
+    c = owner(home)
+    victim = textwrap.dedent("""
+        import time
+        from llmos.userland import connect
+        a, b = connect(), connect()        # the second from the secret kept in memory
+        print(a.pid, b.pid, flush=True)
+        time.sleep(60)
+    """)
+    pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", victim])["pid"]
+    until(lambda: home.proc_log(pid).read_text().strip() == f"{pid} {pid}")
+    thief = c.call(Sys.SPAWN, argv=[sys.executable, "-c", THIEF, str(os_pid_of(c, pid))])["pid"]
+    assert c.call(Sys.WAIT, pid=thief, timeout=T)["status"] == 0, home.proc_log(thief).read_text()
+    assert home.proc_log(thief).read_text().splitlines()[-1].endswith(" became []")
+    c.call(Sys.KILL, pid=pid, sig="KILL")
+    c.close()
+
+
+def test_a_secret_taken_before_the_agent_reads_it_is_noticed(kernel, tmp_path):
+    """The hand-over's one window: a sibling that reads the pipe (through /proc/<pid>/fd)
+    before the agent does gets the secret; the agent's connect() then fails and says so,
+    rather than two processes sharing one identity unnoticed."""
+    home, _ = kernel
+    c = owner(home)
+    go = tmp_path / "go"
+    slow = textwrap.dedent("""
+        import os, sys, time
+        from llmos.userland import SyscallError, connect
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.05)
+        try:
+            connect()
+        except SyscallError as e:
+            print(e, flush=True)
+    """)
+    pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", slow, str(go)])["pid"]
+    proc = psutil.Process(os_pid_of(c, pid))
+    until(lambda: "LLMOS_TOKEN_FD" in proc.environ())     # empty while it execs python
+    with open(f"/proc/{proc.pid}/fd/{proc.environ()['LLMOS_TOKEN_FD']}") as f:
+        stolen = f.read().strip()
+    thief = Connection(home.socket_url, stolen, timeout=T)
+    assert thief.hello["pid"] == pid                      # the window is real ...
+    go.touch()
+    assert c.call(Sys.WAIT, pid=pid, timeout=T)["status"] == 0
+    assert home.proc_log(pid).read_text().startswith(      # ... and the agent notices
+        "EACCES: this process's secret was already taken")
+    thief.close()
+    c.close()
+
+
+def test_a_program_an_agent_starts_is_not_that_agent(kernel):
+    """LLMOS_TOKEN was inherited by whatever an agent started, so each of them was that
+    agent. Now a child the agent starts itself has no secret; its connect() falls back to
+    the owner's token, which the kernel refuses from below an agent, saying what to do."""
+    home, _ = kernel
+    c = owner(home)
+    agent = textwrap.dedent("""
+        import subprocess, sys
+        from llmos.userland import connect
+        k = connect()
+        child = subprocess.run([sys.executable, "-c", "from llmos.userland import connect; "
+                                "connect()"], capture_output=True, text=True, timeout=60)
+        print(k.pid, child.returncode)
+        print(child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "-")
+    """)
+    pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", agent])["pid"]
+    assert c.call(Sys.WAIT, pid=pid, timeout=T)["status"] == 0, home.proc_log(pid).read_text()
+    said, error = home.proc_log(pid).read_text().splitlines()[:2]
+    assert said == f"{pid} 1"
+    assert "SyscallError: EACCES: hello: the owner's token is refused" in error
+    assert "spawn()" in error and "`llmos run`" in error
     c.close()

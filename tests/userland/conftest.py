@@ -23,5 +23,5 @@ def own_kernel():
 @pytest.fixture
 def no_agent_env(monkeypatch):
     """Behave as a program started outside the kernel."""
-    for var in ("LLMOS_SOCKET", "LLMOS_TOKEN", "LLMOS_PID", "LLMOS_HOME"):
+    for var in ("LLMOS_SOCKET", "LLMOS_TOKEN_FD", "LLMOS_PID", "LLMOS_HOME"):
         monkeypatch.delenv(var, raising=False)

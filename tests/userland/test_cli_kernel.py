@@ -53,6 +53,23 @@ def test_up_with_a_bad_model_prints_the_kernels_error(tmp_path):
         shutil.rmtree(home.path, ignore_errors=True)
 
 
+def test_up_detached_starts_a_new_kernel_out_once_it_is_big(tmp_path):
+    from llmos.userland.kernelctl import KERNEL_OUT_MAX
+    home = Home(short_home())
+    try:
+        home.log_dir.mkdir(mode=0o700)
+        home.kernel_out.write_text("x" * KERNEL_OUT_MAX + "\nthe end of an earlier launch\n")
+        (tmp_path / "model").mkdir()
+        run = llmos(home.path, "up", "-d", "--model", str(tmp_path / "model"))
+        assert run.returncode != 0 and "config.json" in run.stderr
+        old = home.kernel_out.with_name("kernel.out.1").read_text()
+        assert old.endswith("the end of an earlier launch\n")
+        assert "config.json" in home.kernel_out.read_text()
+        assert home.kernel_out.stat().st_size < 4096
+    finally:
+        shutil.rmtree(home.path, ignore_errors=True)
+
+
 def test_up_will_not_write_through_a_symlinked_kernel_out(tmp_path):
     home = Home(short_home())
     try:

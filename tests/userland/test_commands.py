@@ -105,6 +105,7 @@ def test_mem_models_sysinfo_as_columns(kernel_home):
     info = llmos(kernel_home, "sysinfo")
     rows = dict(line.split(None, 1) for line in info.stdout.splitlines()[1:])
     assert rows["model"] == "tiny" and rows["driver"] == "cpu"
+    assert (rows["agent_user"], rows["isolation"]) == ("-", "none")   # agents share our uid
 
 
 def test_syscalls_lists_the_table(kernel_home):

@@ -3,13 +3,14 @@
 One kernel serves the module (`kernel_home`); the test that kills a kernel boots its own.
 `tiny` answers "12+47=" with "59", "reverse c a t =" with " t a c", and the chat
 message "add 12 47" with "59". Agents are real processes the kernel spawns; they connect
-with their LLMOS_SOCKET/LLMOS_TOKEN and report what they saw on stdout (their log).
+with LLMOS_SOCKET and their own secret (connect()) and report what they saw on stdout.
 Every wait is bounded by T; the bounds are safety nets, not timing assertions.
 """
 from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from llmos.syscalls import Connection, Sys
-from llmos.syscalls.home import Home
+from llmos.syscalls import Connection, Sys, secret
+from llmos.syscalls.home import Home, HomeError
 from llmos.userland import (CallTimeout, Completion, Context, ContextInfo, Delta, KernelDead,
                             KernelNotRunning, MemInfo, ModelInfo, ProcInfo, ProcState,
                             SyscallError, SysInfo, Usage, WaitStatus, connect)
+from llmos.userland import sdk
 from llmos.userland.sdk import _OPTIONS, _generate_args
-from tests.kernels import ROOT
+from tests.kernels import ROOT, until
 
 T = 60                  # seconds: the bound on every wait here
 LONG = dict(max_tokens=400, ignore_eos=True)    # a generate that runs for a while (7 + 400 < 512)
@@ -43,16 +45,6 @@ def k(kernel_home):
 
 # ---- helpers -------------------------------------------------------------------------------
 
-def until(fn, what: str, timeout: float = T, every: float = 0.05):
-    """Poll fn() until it returns something truthy; return that. Fails after timeout s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def row(k, pid: int) -> ProcInfo | None:
@@ -145,15 +137,59 @@ def test_a_wrong_token_is_eacces(kernel_home):
     assert e.value.code == "EACCES"
 
 
-def test_the_agent_environment_is_used(kernel_home, monkeypatch):
+@pytest.fixture
+def fresh_secret(monkeypatch):
+    """This process as if just spawned: no secret taken yet, and taking one leaves it
+    dumpable (the pytest process must stay observable)."""
+    monkeypatch.setattr(secret, "_secret", None)
+    monkeypatch.setattr(secret, "_failure", None)
+    monkeypatch.setattr(secret, "_undumpable", lambda: None)
+
+
+def test_the_agent_environment_is_used(kernel_home, monkeypatch, fresh_secret):
     monkeypatch.setenv("LLMOS_SOCKET", Home(kernel_home).socket_url)
-    monkeypatch.setenv("LLMOS_TOKEN", "not-the-token")
+    monkeypatch.setenv("LLMOS_TOKEN_FD", str(secret.hand_over("not-the-token")))
     with pytest.raises(SyscallError) as e:
         connect()
-    assert e.value.code == "EACCES"
+    assert e.value.code == "EACCES" and "wrong token" in e.value.msg
+    assert "LLMOS_TOKEN_FD" not in os.environ           # read once, and the fd closed
+    assert secret.own_token() == "not-the-token"        # kept in memory
     monkeypatch.setenv("LLMOS_SOCKET", "ipc:///nonexistent/run/kernel.sock")
     with pytest.raises(KernelNotRunning, match="llmos up"):
         connect()
+
+
+def test_a_program_below_an_agent_attaches_to_its_kernel_or_is_told_to_spawn(
+        kernel_home, monkeypatch, fresh_secret):
+    """LLMOS_SOCKET without a secret (a program an agent started itself): connect() tries
+    the owner token of that socket's home, not of the default home. Where the token is
+    unreadable (agents under another uid) the error says what to do."""
+    monkeypatch.setenv("LLMOS_SOCKET", Home(kernel_home).socket_url)
+    with connect(timeout=T) as k:                  # not below a kernel: the owner
+        assert k.owner and str(k.home) == str(Home(kernel_home).path)
+
+    def unreadable(h):
+        raise HomeError(f"{h.token_path}: permission denied")
+    monkeypatch.setattr(sdk, "read_token", unreadable)
+    with pytest.raises(SyscallError) as e:
+        connect()
+    assert e.value.code == "EACCES" and "start it with spawn() or `llmos run`" in e.value.msg
+
+
+def test_a_secret_fd_that_is_empty_or_no_pipe_is_eacces(monkeypatch, fresh_secret, tmp_path):
+    r, w = os.pipe()
+    os.close(w)                                           # read to the end by someone else
+    monkeypatch.setenv("LLMOS_TOKEN_FD", str(r))
+    for _ in range(2):                                    # and said again, not read again
+        with pytest.raises(SyscallError, match="already taken") as e:
+            secret.own_token()
+        assert e.value.code == "EACCES"
+    monkeypatch.setattr(secret, "_failure", None)
+    with open(tmp_path / "f", "w") as f:                  # inherited the variable, not the fd
+        monkeypatch.setenv("LLMOS_TOKEN_FD", str(f.fileno()))
+        with pytest.raises(SyscallError, match="not spawned by the kernel"):
+            secret.own_token()
+        assert not f.closed and os.fstat(f.fileno())     # not ours: left open
 
 
 def test_exit_of_an_attached_program_leaves_ps(kernel_home, k):

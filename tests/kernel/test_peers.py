@@ -1,0 +1,49 @@
+"""kernel/peers.py: peers bound to their connection, when fd numbers are reused."""
+import os
+import socket
+import time
+
+from llmos.kernel import peers as peers_mod
+from llmos.kernel.peers import PeerTable
+
+
+def _drop(peer, why):
+    raise AssertionError(f"nobody should be dropped: {peer!r} ({why})")
+
+
+def test_a_late_disconnect_of_a_reused_fd_spares_the_new_connection(monkeypatch):
+    # A client exits and another connects at once: the kernel gives the new connection
+    # the old fd number before the monitor's DISCONNECTED of the old one is read. That
+    # event must not drop the newcomer (it got "say hello first" on its next call).
+    monkeypatch.setattr(peers_mod, "RECHECK", 0.0)
+    table = PeerTable()
+    old, old_far = socket.socketpair()
+    fd = old.fileno()
+    table.admit(b"old", fd, _drop)
+    old.close()
+    old_far.close()
+    new, new_far = socket.socketpair()
+    if new.fileno() != fd:                      # the lowest free number: fd, unless a thread took it
+        os.dup2(new.fileno(), fd)
+        new.close()
+        new = socket.socket(fileno=fd)
+    conn = table.admit(b"new", fd, lambda peer, why: table.remove(peer))
+    assert table.disconnected(fd) is None       # the event of the old connection: spared
+    assert table.due() == [] and table.by_id[b"new"] is conn
+    new_far.close()                             # now the new one's other end hangs up
+    assert table.disconnected(fd) == b"new"
+    new.close()
+
+
+def test_a_disconnect_while_libzmq_still_holds_the_fd_is_looked_at_again(monkeypatch):
+    monkeypatch.setattr(peers_mod, "RECHECK", 0.05)
+    table = PeerTable()
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    table.admit(b"p", fd, _drop)
+    assert table.disconnected(fd) is None       # still open, nobody hung up: later
+    assert table.due() == []                    # not due yet
+    a.close()                                   # libzmq closes it just after its event
+    time.sleep(0.06)
+    assert table.due() == [b"p"]
+    b.close()
