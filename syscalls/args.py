@@ -80,7 +80,10 @@ class Float(Arg):
 
     def check(self, name, value):
         self._expect(name, value, (int, float), "float")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:       # an int past 1e308: only an in-process caller has one
+            _bad(name, "expected a finite float, got an int beyond the float range")
         if not math.isfinite(value):
             _bad(name, f"expected a finite float, got {value}")
         lo, hi = self.min, self.max
