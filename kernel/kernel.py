@@ -4,7 +4,8 @@ kernel's own side.)
 
 The sys_* functions (kernel/sysproc.py, sysllm.py, sysinfo.py) decode their arguments
 and call these methods; the rules (who may act on whom, what a process owns, when work
-starts) live here and in the process table.
+starts) live here and in the process table. The LLM calls and contexts are in
+kernel/llmcalls.py, a part of this class of its own.
 
 Threads and what each may touch:
   I/O thread (kernel/server.py)  the public methods below; never waits on the engine.
@@ -29,13 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
-from llmos.syscalls.errors import E2BIG, EACCES, EAGAIN, EINVAL, ENOENT, ESRCH, SyscallError
+from llmos.syscalls.errors import EACCES, EAGAIN, EINVAL, SyscallError
 from llmos.syscalls.numbers import Sys, sys_name
-from llmos.syscalls.types import Completion, Hello, ProcInfo, ProcState, WaitStatus
+from llmos.syscalls.types import Hello, ProcInfo, ProcState, WaitStatus
 
 from . import inbox as cmd
 from . import tunables
 from .audit import AuditLog
+from .llmcalls import LLMCalls
 from .loop import EngineLoop
 from .peers import is_loopback, peer_address, peer_credentials
 from .proc import NOSIG, ProcTable, first_free_pid, parse_signal, signal_name
@@ -45,11 +47,9 @@ from .timers import Timers
 log = logging.getLogger("llmos.kernel")
 
 CANCEL_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT}   # cancel its LLM work
-SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
-            "stop_token_ids", "ignore_eos")
 
 
-class Supervisor:
+class Supervisor(LLMCalls):
     def __init__(self, home, engine, model_name: str, owner_token: str, agent_user=None,
                  max_agents: int | None = None):
         self.home, self.engine, self.model_name = home, engine, model_name
@@ -256,164 +256,6 @@ class Supervisor:
         if p.pid in snap.running:
             return ProcState.RUNNING
         return ProcState.READY if p.requests else ProcState.SLEEPING
-
-    # ---- LLM calls ------------------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        """model= names the loaded model (or is absent). Raises ENOENT naming the loaded ones."""
-        if name is not None and name != self.model_name:
-            raise SyscallError(ENOENT, f"model: no model {name!r} is loaded "
-                                       f"(loaded: {self.model_name})")
-
-    def generate(self, call, caller: int, a: dict) -> None:
-        """Accept a generate: record it as caller's, tokenize, queue it for the engine."""
-        self.check_model(a["model"])
-        sampling = {k: a[k] for k in SAMPLING if a[k] is not None}
-        key, rid, ctx = (call.conn.peer, call.id), next(self._ids), a["context"]
-        with self.procs.lock:
-            proc = self.procs.live(caller)
-            if ctx is not None and ctx not in proc.contexts:
-                raise SyscallError(ESRCH, f"context: no context {ctx} of process {caller}")
-            proc.requests[key] = rid
-            self._join(call, a["share"])
-
-        def queue(tokens: list, chat: bool) -> None:
-            with self.procs.lock:
-                if proc.requests.get(key) != rid:         # cancelled, killed or dead meanwhile
-                    call.reply(Completion(finish_reason="abort"))
-                    return
-                self.loop.put(cmd.Add(rid, proc, call, key, tokens, chat, sampling, ctx,
-                                      a["stream"], proc.state is ProcState.STOPPED,
-                                      self._salt(proc, a["share"])))
-
-        def undo(err: SyscallError) -> None:
-            with self.procs.lock:
-                if proc.requests.get(key) == rid:
-                    del proc.requests[key]
-            call.error(err.code, err.msg)
-
-        if a["token_ids"] is not None:
-            queue(a["token_ids"], False)
-        else:
-            self._encode(a["prompt"], a["messages"], True,
-                         then=lambda tokens: queue(tokens, a["messages"] is not None), fail=undo)
-
-    def cancel(self, call, caller: int, call_id: int) -> None:
-        """Cancel this connection's generate call_id; its own call answers with "abort".
-        Raises ESRCH if it is not in flight."""
-        with self.procs.lock:
-            proc = self.procs.get(caller)
-            rid = proc.requests.pop((call.conn.peer, call_id), None)
-            if rid is None:
-                raise SyscallError(ESRCH, f"call: no generate {call_id} in flight")
-            self.loop.put(cmd.Abort(rid))
-
-    def _join(self, call, share: str | None) -> None:
-        """Under procs.lock: the caller names share group `share`; its first time is
-        audited (later calls that name it again are not)."""
-        if share is None:
-            return
-        groups = self._shares.setdefault(call.conn.pid, set())
-        if share not in groups:
-            groups.add(share)
-            self.audit.record("share", pid=call.conn.pid, uid=call.conn.uid,
-                              syscall=sys_name(call.nr), group=share)
-
-    def _salt(self, proc, share: str | None) -> bytes:
-        """Prefix-cache salt: the processes of one tree (tree_root) share cached prefixes,
-        others do not, so a cache hit tells nobody what another application computed;
-        `share` names a group that processes of one user join explicitly instead."""
-        if share is not None:
-            return b"share:%d:" % proc.owner + share.encode()
-        return b"tree:%d" % self.tree_root(proc.pid)
-
-    def _encode(self, prompt, messages, reply: bool, then, fail) -> None:
-        """Token ids of a prompt or chat messages, then(tokens); fail(SyscallError). Short
-        texts are encoded here; long ones on a tokenizer worker (never the I/O thread)."""
-        size = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages)
-        cap = self.engine.max_model_len * tunables.CHARS_PER_TOKEN
-        if size > cap:
-            return fail(SyscallError(E2BIG, f"prompt: {size} characters; this model's context "
-                                            f"of {self.engine.max_model_len} tokens takes at "
-                                            f"most {cap}"))
-
-        def work():
-            try:
-                tokens = self.engine.encode(prompt, messages, reply=reply)
-            except SyscallError as e:
-                return fail(e)
-            then(tokens)
-        if size <= tunables.INLINE_TEXT:
-            work()
-        else:
-            self.tokenizers.submit(work)
-
-    def tokenize(self, call, text: str) -> None:
-        self._encode(text, None, True, then=lambda ids: call.reply({"token_ids": ids}),
-                     fail=lambda e: call.error(e.code, e.msg))
-
-    def detokenize(self, call, token_ids: list) -> None:
-        vocab = self.engine.config.vocab_size
-        if token_ids and max(token_ids) >= vocab:
-            raise SyscallError(EINVAL, f"token_ids: ids must be below the vocabulary size {vocab}")
-
-        def work():
-            call.reply({"text": self.engine.tokenizer.decode(token_ids)})
-        if len(token_ids) <= tunables.INLINE_TEXT:
-            work()
-        else:
-            self.tokenizers.submit(work)
-
-    # ---- contexts -------------------------------------------------------------------
-    def context_create(self, call, caller: int, system=None, messages=None,
-                       share: str | None = None) -> None:
-        if system is not None:
-            messages = [{"role": "system", "content": system}]
-        cid = next(self._ids)
-        with self.procs.lock:
-            proc = self.procs.live(caller)
-            proc.contexts.add(cid)
-            self._join(call, share)
-
-        def queue(tokens: list) -> None:
-            with self.procs.lock:
-                if cid in proc.contexts:
-                    self.loop.put(cmd.CreateContext(cid, proc, call, tokens,
-                                                    self._salt(proc, share)))
-                else:
-                    call.error(ESRCH, f"process {caller} has exited")
-
-        def undo(err: SyscallError) -> None:
-            with self.procs.lock:
-                proc.contexts.discard(cid)
-            call.error(err.code, err.msg)
-
-        if messages is None:
-            queue([])
-        else:
-            self._encode(None, messages, False, then=queue, fail=undo)
-
-    def context_fork(self, call, caller: int, source: int) -> None:
-        cid = next(self._ids)
-        with self.procs.lock:
-            proc = self._owner_of(caller, source)
-            proc.contexts.add(cid)
-            self.loop.put(cmd.ForkContext(source, cid, proc, call))
-
-    def context_free(self, call, caller: int, context: int) -> None:
-        with self.procs.lock:
-            self._owner_of(caller, context).contexts.discard(context)
-            self.loop.put(cmd.FreeContext(context, call))
-
-    def context_info(self, call, caller: int, context: int) -> None:
-        with self.procs.lock:
-            self._owner_of(caller, context)
-            self.loop.put(cmd.DescribeContext(context, call))
-
-    def _owner_of(self, caller: int, context: int):
-        proc = self.procs.live(caller)
-        if context not in proc.contexts:
-            raise SyscallError(ESRCH, f"context: no context {context} of process {caller}")
-        return proc
 
     def _engine_crashed(self, exc: BaseException) -> None:
         log.error("engine crashed: %r; the kernel exits", exc)
