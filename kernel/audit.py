@@ -6,18 +6,19 @@ refusals of a CURVE connection carry key, its client's name on the allow-list), 
 
     hello          os_pid, owner                  a connection became process pid
     hello_refused  os_pid, code, reason           a hello was refused (*)
-    spawn          target, name, argv0, os_pid    pid started process target
-    signal         target, signal                 pid signalled target
+    spawn          target, name, argv0, os_pid    pid started process target (*)
+    signal         target, signal                 pid signalled target (*)
     denied         syscall, code, reason          EPERM or EACCES from any syscall (*);
                                                   before hello also os_pid
     limit          syscall, code, reason          EAGAIN: a table, cap or budget is full (*)
-    share          syscall, group                 pid joined a prefix-cache share group
+    share          syscall, group                 pid joined a prefix-cache share group (*)
     suppressed     of, syscall, code, count       (*) records of one key dropped in a period
 
 (*) rate-limited: of one key (event, pid, uid, syscall, code) at most AUDIT_BURST are
 written per AUDIT_PERIOD; the rest are counted in one `suppressed` record at the end of
 the period. With rotation by size (kernel/logfile.py) that bounds what a flood of
-refused hellos can write, and keeps it from rotating older records away.
+refused hellos (or a process signalling itself in a loop) can write, and keeps it from
+rotating older records away; only hellos are never limited.
 
 Threads: any thread may record; a lock orders the records. Recording never raises: a
 write that fails is said once in the kernel log (and once again when writing works).

@@ -147,7 +147,7 @@ class Supervisor(LLMCalls):
         """Start argv as caller's child; uid (the caller's, for the audit log)."""
         p = self.procs.spawn(argv, name=name, nice=nice or 0, parent=caller, env_extra=env,
                              socket_path=self.home.socket_url, log_dir=self.home.log_dir)
-        self.audit.record("spawn", pid=caller, uid=uid, target=p.pid, name=p.name,
+        self.audit.record("spawn", limited=True, pid=caller, uid=uid, target=p.pid, name=p.name,
                           argv0=p.argv[0], os_pid=p.os_pid)
         return p.pid
 
@@ -171,7 +171,7 @@ class Supervisor(LLMCalls):
         self.procs.kill(pid, sig, caller, owner)
         num = parse_signal(sig)
         if num != NOSIG:                       # kill(pid, 0) only asks
-            self.audit.record("signal", pid=caller, uid=uid, target=pid,
+            self.audit.record("signal", limited=True, pid=caller, uid=uid, target=pid,
                               signal=signal_name(num))
 
     def _exited(self, proc, rids: list, contexts: list) -> None:

@@ -78,8 +78,9 @@ class LLMCalls:
             return
         groups = self._shares.setdefault(call.conn.pid, set())
         if share not in groups:
-            groups.add(share)
-            self.audit.record("share", pid=call.conn.pid, uid=call.conn.uid,
+            if len(groups) < tunables.SHARE_GROUPS_KEPT:    # bounded; past it, rate-limited
+                groups.add(share)
+            self.audit.record("share", limited=True, pid=call.conn.pid, uid=call.conn.uid,
                               syscall=sys_name(call.nr), group=share)
 
     def _salt(self, proc, share: str | None) -> bytes:

@@ -61,13 +61,17 @@ class PeerTable:
         head: the message's first frame, asked for the connection's CURVE key when the
         state is made (None: no connection has one)."""
         conn = self.by_id.get(peer)
-        if conn is not None and fd is not None and conn.fd != fd:
+        ino = _inode(fd)                 # the socket, not just its number (numbers are reused)
+        if conn is not None and fd is not None and (conn.fd != fd or conn.ino != ino):
             drop(peer, "its id came back on a new connection")
             conn = None
         if conn is None:
+            holder = self._by_fd.get(fd) if fd is not None else None
+            if holder is not None and holder != peer:   # one live connection per fd: the
+                drop(holder, "its connection closed")    # one that held it has closed
             self._make_room(drop)
             conn = self.by_id[peer] = ConnState(peer)
-            conn.fd, conn.ino = fd, _inode(fd)
+            conn.fd, conn.ino = fd, ino
             if fd is not None:
                 self._by_fd[fd] = peer
             if head is not None:

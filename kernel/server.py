@@ -28,9 +28,11 @@ without CURVE is refused.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -78,6 +80,18 @@ def check_endpoint(endpoint: str, curve: bool) -> str | None:
     raise ValueError(f"unsupported endpoint {endpoint!r}: use ipc://path or tcp://127.0.0.1:port")
 
 
+def _seed_routing_ids() -> None:
+    """Seed the C library's rand(), from which libzmq's ROUTER takes the first of the
+    routing ids it numbers ("\\0" + a counter). Unseeded, that counter starts at the same
+    value in every kernel; a client may choose ids of that form, and when the counter
+    reaches one already held libzmq aborts the process on an assertion: any client could
+    have killed the kernel with 64 connections. Seeded, the ids cannot be guessed."""
+    try:
+        ctypes.CDLL(None).srand(secrets.randbits(32))
+    except (OSError, AttributeError):          # no C library to reach: nothing to seed
+        pass
+
+
 def check_listen(endpoint: str, curve: bool) -> None:
     """check_endpoint for the extra endpoint (--listen): tcp only."""
     if check_endpoint(endpoint, curve) is not None:
@@ -123,6 +137,7 @@ class Server:
 
     # ---- life cycle -----------------------------------------------------------------
     def start(self) -> "Server":
+        _seed_routing_ids()
         self._ctx = zmq.Context()
         s = self._sock = self._ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)

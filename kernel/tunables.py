@@ -25,3 +25,4 @@ AUDIT_PERIOD = 60.0              # s; the rest are counted in one "suppressed" r
 AGENT_MEMORY = 64 << 20          # bytes an agent is assumed to take (a Python SDK agent: ~20 MiB
                                  # RSS, more once it works): default live agents = memory / this
 MIN_AGENTS, MAX_AGENTS = 16, 1024  # ...within these bounds; llmos up --max-agents overrides
+SHARE_GROUPS_KEPT = 64           # share groups remembered per process, so each is audited once

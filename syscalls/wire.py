@@ -70,11 +70,15 @@ def unpack(frame: bytes, max_message: int = MAX_MESSAGE) -> Any:
     MAX_CONTAINERS maps and arrays) or EPROTO (anything else)."""
     if len(frame) > max_message:
         raise WireError(E2BIG, f"message of {len(frame)} bytes exceeds {max_message}")
-    budget = _ContainerBudget()
+    # Every map or array takes a byte at least: a smaller frame cannot pass the budget,
+    # and skips the hooks (a Python call per container on the syscall path).
+    hooks = {}
+    if len(frame) > MAX_CONTAINERS:
+        budget = _ContainerBudget()
+        hooks = {"list_hook": budget, "object_hook": budget}
     try:
         return msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True,
-            list_hook=budget, object_hook=budget,
+            frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True, **hooks,
             max_str_len=min(MAX_STR, max_message),
             max_bin_len=min(MAX_BIN, max_message), max_array_len=MAX_ARRAY,
             max_map_len=MAX_MAP, max_ext_len=0)

@@ -27,7 +27,9 @@ def test_a_late_disconnect_of_a_reused_fd_spares_the_new_connection(monkeypatch)
         os.dup2(new.fileno(), fd)
         new.close()
         new = socket.socket(fileno=fd)
-    conn = table.admit(b"new", fd, lambda peer, why: table.remove(peer))
+    dropped = []
+    conn = table.admit(b"new", fd, lambda peer, why: dropped.append(table.remove(peer).peer))
+    assert dropped == [b"old"]                  # one live connection per fd: the old one went
     assert table.disconnected(fd) is None       # the event of the old connection: spared
     assert table.due() == [] and table.by_id[b"new"] is conn
     new_far.close()                             # now the new one's other end hangs up
@@ -47,3 +49,25 @@ def test_a_disconnect_while_libzmq_still_holds_the_fd_is_looked_at_again(monkeyp
     time.sleep(0.06)
     assert table.due() == [b"p"]
     b.close()
+
+
+def test_a_routing_id_reused_on_a_new_socket_with_the_old_fd_number_starts_afresh():
+    # The old connection closed and a new one got its fd number; the newcomer sends the old
+    # peer's routing id before the kernel has read the close: it must not inherit the state.
+    table = PeerTable()
+    a, a_far = socket.socketpair()
+    fd = a.fileno()
+    old = table.admit(b"id", fd, _drop)
+    old.authenticated, old.owner = True, True
+    a.close()
+    a_far.close()
+    b, b_far = socket.socketpair()
+    if b.fileno() != fd:
+        os.dup2(b.fileno(), fd)
+        b.close()
+        b = socket.socket(fileno=fd)
+    dropped = []
+    new = table.admit(b"id", fd, lambda peer, why: dropped.append(table.remove(peer)))
+    assert dropped == [old] and new is not old and not new.authenticated and not new.owner
+    b.close()
+    b_far.close()
