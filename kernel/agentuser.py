@@ -10,6 +10,8 @@ What the option changes:
                working directory if U may enter it, else in /
   the socket   run/ becomes 0711 (searchable, not listable), kernel.sock group G and 0660
                (HomeLock.share_socket); the home gains search permission for all
+  environment  the user's HOME, USER, LOGNAME and only INHERITED of the kernel's own
+               (root's credentials stay out), plus what spawn passes
   unchanged    run/token 0600 and log/ 0700, both root's (an agent's log is opened by the
                kernel and passed as its stdout)
 
@@ -27,6 +29,10 @@ from pathlib import Path
 
 from .subreaper import SETPRIV
 
+# The kernel's environment variables agents under another user inherit (and LC_*).
+INHERITED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "PYTHONPATH",
+                       "VIRTUAL_ENV", "TRITON_INTERPRET"})
+
 
 @dataclass(frozen=True)
 class AgentUser:
@@ -35,6 +41,14 @@ class AgentUser:
     gid: int                    # its primary group: the socket's group
     groups: frozenset           # gid and its supplementary groups (what --init-groups gives)
     cwd: str                    # where agents start: a directory the user may enter
+    home: str = "/"             # its home directory (HOME in agents' environment)
+
+    def environ(self, ours: dict) -> dict:
+        """Agents' base environment: the user's own identity and, of the kernel's (root's)
+        environment, only what programs need to run: never its credentials (SUDO_*,
+        cloud tokens, LLMOS_TOKEN or LLMOS_KEY a root shell exported)."""
+        kept = {k: v for k, v in ours.items() if k in INHERITED or k.startswith("LC_")}
+        return {**kept, "HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
     @property
     def setpriv_opts(self) -> tuple[str, ...]:
@@ -74,7 +88,8 @@ def lookup(name: str, home) -> AgentUser:
                          f"choose an unprivileged user (e.g. nobody)")
     if not os.access(SETPRIV, os.X_OK):
         raise ValueError(f"--agent-user needs {SETPRIV} (util-linux) to start agents as {name}")
-    user = AgentUser(name, pw.pw_uid, pw.pw_gid, frozenset(os.getgrouplist(name, pw.pw_gid)), "/")
+    user = AgentUser(name, pw.pw_uid, pw.pw_gid, frozenset(os.getgrouplist(name, pw.pw_gid)),
+                     "/", pw.pw_dir or "/")
     if (d := user.blocker(Path(home).parent)) is not None:
         raise ValueError(f"--agent-user {name}: {name} may not search {d}, so its agents could "
                          f"not reach the kernel's socket in {home}; choose a --home outside it")

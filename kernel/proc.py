@@ -219,8 +219,8 @@ class ProcTable:
         """Start argv as a real OS process in its own session and process group, set to
         die with the kernel (kernel/subreaper.py); return its row.
 
-        Its environment is ours plus env_extra plus LLMOS_SOCKET, LLMOS_PID and
-        LLMOS_TOKEN_FD, an inherited pipe that holds its secret (syscalls/secret.py: never
+        Its environment is ours (with an agent user, that user's: kernel/agentuser.py) plus
+        env_extra plus LLMOS_SOCKET, LLMOS_PID and LLMOS_TOKEN_FD, an inherited pipe that holds its secret (syscalls/secret.py: never
         the secret itself, which a sibling could read in /proc/<pid>/environ); it runs as
         the table's agent user if there is one; stdin is /dev/null; stdout and stderr go to
         log_dir/<pid>.log, a new file (an older one of that pid is moved to <pid>.log.old).
@@ -231,7 +231,8 @@ class ProcTable:
         if not argv:
             raise SyscallError(EINVAL, "argv: empty")
         p = self.alloc(name or Path(argv[0]).name, argv, parent=parent, nice=nice, owner=owner)
-        env = {**os.environ, **(env_extra or {}), "LLMOS_SOCKET": str(socket_path),
+        base = self.user.environ(os.environ) if self.user else os.environ
+        env = {**base, **(env_extra or {}), "LLMOS_SOCKET": str(socket_path),
                "LLMOS_PID": str(p.pid)}
         try:
             with subreaper.births:           # until the row has the pid: no stray reaping

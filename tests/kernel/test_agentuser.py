@@ -79,7 +79,9 @@ AGENT = textwrap.dedent("""
                       "cwd": os.getcwd(), "pdeathsig": sig.value, "token": tries(token),
                       "kernel environ": tries(f"/proc/{kernel}/environ"),
                       "kernel mem": tries(f"/proc/{kernel}/mem"),
-                      "sibling environ": tries(f"/proc/{sibling}/environ")}))
+                      "sibling environ": tries(f"/proc/{sibling}/environ"),
+                      "root's secret": os.environ.get("ROOT_SECRET"),
+                      "home": os.environ.get("HOME"), "user": os.environ.get("USER")}))
 """)
 SIBLING = textwrap.dedent("""
     import time
@@ -101,7 +103,7 @@ def _nobody_runs_this_python() -> bool:
 def test_agents_run_as_the_agent_user_and_reach_only_the_socket():
     if not _nobody_runs_this_python():
         pytest.skip(f"nobody may not run {sys.executable}")
-    with running_kernel("--agent-user", "nobody") as (path, kernel):
+    with running_kernel("--agent-user", "nobody", env={"ROOT_SECRET": "s3cret"}) as (path, kernel):
         home = Home(path)
         c = Connection(home.socket_url, read_token(home), timeout=T)
         info = c.call(Sys.SYSINFO)
@@ -128,4 +130,6 @@ def test_agents_run_as_the_agent_user_and_reach_only_the_socket():
                     "cwd": "/" if user.blocker(ROOT) else str(ROOT),
                     "pdeathsig": signal.SIGKILL,     # kept across setpriv's change of uid
                     "token": "EACCES", "kernel environ": "EACCES", "kernel mem": "EACCES",
-                    "sibling environ": "EACCES"}     # the sibling made itself non-dumpable
+                    "sibling environ": "EACCES",     # the sibling made itself non-dumpable
+                    "root's secret": None,           # root's environment stays out...
+                    "home": NOBODY.pw_dir, "user": "nobody"}     # ...the user's is there
