@@ -11,6 +11,20 @@ def _drop(peer, why):
     raise AssertionError(f"nobody should be dropped: {peer!r} ({why})")
 
 
+def reconnect(sock: socket.socket, far: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """Close the pair (sock, far) and return a new pair whose first socket has sock's fd
+    number, as the kernel hands a new connection the lowest free fd."""
+    fd = sock.fileno()
+    sock.close()
+    far.close()
+    new, new_far = socket.socketpair()
+    if new.fileno() != fd:                      # another thread took it meanwhile
+        os.dup2(new.fileno(), fd)
+        new.close()
+        new = socket.socket(fileno=fd)
+    return new, new_far
+
+
 def test_a_late_disconnect_of_a_reused_fd_spares_the_new_connection(monkeypatch):
     # A client exits and another connects at once: the kernel gives the new connection
     # the old fd number before the monitor's DISCONNECTED of the old one is read. That
@@ -20,13 +34,7 @@ def test_a_late_disconnect_of_a_reused_fd_spares_the_new_connection(monkeypatch)
     old, old_far = socket.socketpair()
     fd = old.fileno()
     table.admit(b"old", fd, _drop)
-    old.close()
-    old_far.close()
-    new, new_far = socket.socketpair()
-    if new.fileno() != fd:                      # the lowest free number: fd, unless a thread took it
-        os.dup2(new.fileno(), fd)
-        new.close()
-        new = socket.socket(fileno=fd)
+    new, new_far = reconnect(old, old_far)
     dropped = []
     conn = table.admit(b"new", fd, lambda peer, why: dropped.append(table.remove(peer).peer))
     assert dropped == [b"old"]                  # one live connection per fd: the old one went
@@ -59,13 +67,7 @@ def test_a_routing_id_reused_on_a_new_socket_with_the_old_fd_number_starts_afres
     fd = a.fileno()
     old = table.admit(b"id", fd, _drop)
     old.authenticated, old.owner = True, True
-    a.close()
-    a_far.close()
-    b, b_far = socket.socketpair()
-    if b.fileno() != fd:
-        os.dup2(b.fileno(), fd)
-        b.close()
-        b = socket.socket(fileno=fd)
+    b, b_far = reconnect(a, a_far)
     dropped = []
     new = table.admit(b"id", fd, lambda peer, why: dropped.append(table.remove(peer)))
     assert dropped == [old] and new is not old and not new.authenticated and not new.owner
