@@ -40,7 +40,8 @@ from .audit import AuditLog
 from .llmcalls import LLMCalls
 from .loop import EngineLoop
 from .peers import is_loopback, peer_address, peer_credentials
-from .proc import NOSIG, ProcTable, first_free_pid, parse_signal, signal_name
+from .proc import ProcTable, first_free_pid
+from .signals import NOSIG, parse_signal, signal_name
 from .sampler import Sampler
 from .timers import Timers
 

@@ -43,17 +43,17 @@ from typing import Callable
 import psutil
 
 from llmos.syscalls.errors import (EAGAIN, ECHILD, EINVAL, EPERM, ESRCH, SyscallError)
-from llmos.syscalls.secret import TOKEN_FD_ENV, hand_over
 from llmos.syscalls.types import ProcState
 
 from . import subreaper, tunables
+from .birth import start
 from .reaper import Reaper
+from .signals import NOSIG, parse_signal, signal_name
 
 PID_MAX = 1 << 22              # pids wrap here (Linux's pid_max on 64-bit)
 MAX_PROCS = 4096               # rows in the table, zombies included; then EAGAIN
 MAX_ORPHANS = 256              # uncollected zombies of the kernel kept for the owner's wait
 KILL_REAP_WAIT = 5.0           # seconds shutdown() waits for the reaper after SIGKILL
-NOSIG = 0                      # kill(pid, 0): check existence and permission only
 
 log = logging.getLogger("llmos.proc")
 
@@ -111,37 +111,10 @@ class Waiter:
     fail: Callable[[SyscallError], None]
 
 
-_ALLOWED = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP,
-            signal.SIGUSR1, signal.SIGUSR2, signal.SIGSTOP, signal.SIGCONT}
-
-
-def parse_signal(sig: int | str) -> int:
-    """A signal number from 15, "TERM", "SIGTERM" or "sigterm"; 0 is kill's probe.
-
-    Raises SyscallError EINVAL for anything not in TERM KILL INT HUP USR1 USR2 STOP CONT.
-    """
-    try:
-        if isinstance(sig, str) and not sig.lstrip("-").isdigit():
-            name = sig.upper()
-            num = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-        else:
-            num = int(sig)
-    except (KeyError, ValueError, TypeError):
-        raise SyscallError(EINVAL, f"signal: unknown signal {sig!r}") from None
-    if num != NOSIG and num not in _ALLOWED:
-        raise SyscallError(EINVAL, f"signal: {sig!r} is not one of "
-                           f"{' '.join(sorted(s.name[3:] for s in _ALLOWED))}")
-    return int(num)
-
-
 def default_max_agents() -> int:
     """How many agents fit: AGENT_MEMORY each in the machine's memory, within bounds."""
     fit = psutil.virtual_memory().total // tunables.AGENT_MEMORY
     return max(tunables.MIN_AGENTS, min(tunables.MAX_AGENTS, fit))
-
-
-def signal_name(num: int) -> str:
-    return signal.Signals(num).name[3:] if num else "0"
 
 
 class ProcTable:
@@ -236,7 +209,7 @@ class ProcTable:
                "LLMOS_PID": str(p.pid)}
         try:
             with subreaper.births:           # until the row has the pid: no stray reaping
-                popen = _start(argv, env, log_dir, f"{p.pid}.log", p.token, self.user)
+                popen = start(argv, env, log_dir, f"{p.pid}.log", p.token, self.user)
                 with self.lock:
                     p._popen, p.os_pid = popen, popen.pid
         except (OSError, ValueError) as e:   # ValueError: NUL in argv or env, '=' in a key
@@ -491,42 +464,6 @@ class ProcTable:
     def _children(self, alive_only: bool) -> list[Proc]:
         return [p for p in self._procs.values()
                 if p._popen is not None and (p.alive or not alive_only and p.releasing)]
-
-
-def _start(argv: list[str], env: dict, log_dir, log_name: str, secret: str,
-           user=None) -> subprocess.Popen:
-    """Start argv in a session of its own (as user, if given), stdout and stderr to the new
-    log_dir/log_name, both opened relative to one directory fd (a log/ swapped meanwhile
-    cannot redirect them), secret in a pipe it inherits (its fd in env TOKEN_FD_ENV). A
-    start that fails leaves no log. Raises OSError, ValueError."""
-    logs = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        fd, pipe = _new_log(logs, log_name), None
-        try:
-            pipe = hand_over(secret)
-            return subreaper.popen(argv, user, stdin=subprocess.DEVNULL, stdout=fd,
-                                   stderr=subprocess.STDOUT, env={**env, TOKEN_FD_ENV: str(pipe)},
-                                   pass_fds=(pipe,), start_new_session=True, close_fds=True)
-        except BaseException:
-            os.unlink(log_name, dir_fd=logs)   # ours, new and empty: no clutter from a failure
-            raise
-        finally:
-            os.close(fd)
-            if pipe is not None:
-                os.close(pipe)                 # the child's copy is the only one left
-    finally:
-        os.close(logs)
-
-
-def _new_log(logs: int, name: str) -> int:
-    """Open a new log file in the directory fd logs (0600, no symlink followed); an older
-    one is moved aside to name.old."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        return os.open(name, flags, 0o600, dir_fd=logs)
-    except FileExistsError:                 # the pid space wrapped: keep one older log
-        os.replace(name, name + ".old", src_dir_fd=logs, dst_dir_fd=logs)
-        return os.open(name, flags, 0o600, dir_fd=logs)
 
 
 def first_free_pid(log_dir: Path) -> int:

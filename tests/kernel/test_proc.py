@@ -19,7 +19,8 @@ import pytest
 
 from llmos.kernel import proc as proc_mod
 from llmos.kernel import tunables
-from llmos.kernel.proc import ProcTable, first_free_pid, parse_signal
+from llmos.kernel.proc import ProcTable, first_free_pid
+from llmos.kernel.signals import parse_signal
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.types import ProcState
 
