@@ -21,7 +21,9 @@ reused on another connection, or under another key, inherits nothing.
 Budgets. Authenticated peers (processes' connections): at most MAX_PEERS; a hello past
 it is EAGAIN. Peers that have not said hello ("guests"): at most MAX_GUESTS, each for at
 most GUEST_TTL seconds; a new guest may push out the oldest guest, never an
-authenticated peer. I/O thread only.
+authenticated peer. Connections that have sent nothing yet (the monitor's ACCEPTED) are
+budgeted the same way, and hung up (shutdown of the socket, which libzmq then closes):
+else a client could hold kernel fds without a word. I/O thread only.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class PeerTable:
         self.authenticated = 0
         self.key_names: dict[str, str] = {}         # CURVE key -> its name (the ZAP handler's)
         self.rechecks: dict[int, tuple[bytes, float]] = {}   # fd -> (peer, when to look again)
+        self.silent: dict[int, tuple[int, float]] = {}       # fd -> (inode, accepted at), oldest first
 
     def admit(self, peer: bytes, fd: int | None, drop: Callable[[bytes, str], None],
               head: zmq.Frame | None = None) -> ConnState:
@@ -62,6 +65,8 @@ class PeerTable:
         state is made (None: no connection has one)."""
         conn = self.by_id.get(peer)
         ino = _inode(fd)                 # the socket, not just its number (numbers are reused)
+        if fd is not None:
+            self.silent.pop(fd, None)
         if conn is not None and fd is not None and (conn.fd != fd or conn.ino != ino):
             drop(peer, "its id came back on a new connection")
             conn = None
@@ -97,9 +102,34 @@ class PeerTable:
         if self._guests.pop(conn.peer, None) is not None:
             self.authenticated += 1
 
+    def accepted(self, fd: int) -> None:
+        """The monitor says connection fd was accepted: silent until its first message.
+        Past MAX_GUESTS silent ones, the oldest is hung up."""
+        ino = _inode(fd)
+        peer = self._by_fd.get(fd)
+        if ino is None or peer is not None and self.by_id[peer].ino == ino:
+            return                                   # gone already, or it has spoken
+        self.silent.pop(fd, None)
+        self.silent[fd] = ino, time.monotonic()
+        while len(self.silent) > self.max_guests:
+            _hang_up(*self._pop_silent())
+
+    def hang_up_silent(self) -> None:
+        """Hang up the connections silent for more than guest_ttl seconds."""
+        now = time.monotonic()
+        while self.silent and now - next(iter(self.silent.values()))[1] > self.guest_ttl:
+            _hang_up(*self._pop_silent())
+
+    def _pop_silent(self) -> tuple[int, int]:
+        fd = next(iter(self.silent))
+        return fd, self.silent.pop(fd)[0]
+
     def disconnected(self, fd: int) -> bytes | None:
         """The monitor says connection fd closed: the peer to drop now, if any (see the
         module docstring; a still-open socket at fd is looked at again by due())."""
+        quiet = self.silent.get(fd)
+        if quiet is not None and not _open(fd, quiet[0]):
+            del self.silent[fd]
         peer = self._by_fd.get(fd)
         if peer is not None and _open(fd, self.by_id[peer].ino):
             self.rechecks[fd] = peer, time.monotonic() + RECHECK
@@ -185,6 +215,21 @@ def _inode(fd: int | None) -> int | None:
         return os.fstat(fd).st_ino if fd is not None else None
     except OSError:
         return None
+
+
+def _hang_up(fd: int, ino: int) -> None:
+    """Shut down the socket ino if it is still the one at fd (libzmq, reading EOF, then
+    closes the connection and reports it)."""
+    if _inode(fd) != ino:
+        return
+    s = _socket(fd)
+    if s is not None:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            s.close()
 
 
 def _open(fd: int, ino: int | None) -> bool:

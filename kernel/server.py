@@ -155,7 +155,7 @@ class Server:
                 s.curve_secretkey, s.zap_domain = self._curve, DOMAIN
             s.bind(endpoint)
             self.bound.append(s.getsockopt(zmq.LAST_ENDPOINT).decode())
-        self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
         if self._ipc_path:
             os.chmod(self._ipc_path, 0o600)
         self._thread = threading.Thread(target=self._run, name="llmos-syscalls-io", daemon=True)
@@ -220,10 +220,12 @@ class Server:
                 if zap in ready:
                     self._zap.serve()
                 if self._monitor in ready:      # before new messages: a closed connection
-                    self._take_disconnects()    # must be forgotten before its id is reused
+                    self._take_events()    # must be forgotten before its id is reused
                 if self._peers.rechecks:
                     for peer in self._peers.due():
                         self._drop_peer(peer, "disconnected")
+                if self._peers.silent:
+                    self._peers.hang_up_silent()
                 if self._sock in ready:
                     self._recv_batch()
                 self._serve_outbox()
@@ -240,10 +242,13 @@ class Server:
         with self._wake_lock:
             self._wake_pending = False
 
-    def _take_disconnects(self) -> None:
+    def _take_events(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
         while self._monitor.getsockopt(_EVENTS) & _POLLIN:
             event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._peers.accepted(int(event["value"]))
+                continue
             peer = self._peers.disconnected(int(event["value"]))
             if peer is not None:
                 self._drop_peer(peer, "disconnected")

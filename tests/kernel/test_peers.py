@@ -73,3 +73,25 @@ def test_a_routing_id_reused_on_a_new_socket_with_the_old_fd_number_starts_afres
     assert dropped == [old] and new is not old and not new.authenticated and not new.owner
     b.close()
     b_far.close()
+
+
+def test_a_silent_connection_is_hung_up_after_the_guest_ttl_and_a_talking_one_is_not():
+    table = PeerTable(max_guests=8, guest_ttl=0.0)
+    quiet, quiet_far = socket.socketpair()
+    talker, talker_far = socket.socketpair()
+    table.accepted(talker.fileno())
+    table.admit(b"talker", talker.fileno(), _drop)     # its first message: not silent now
+    table.accepted(talker.fileno())                    # a late ACCEPTED changes nothing
+    table.accepted(quiet.fileno())
+    time.sleep(0.01)
+    table.hang_up_silent()
+    quiet_far.settimeout(5)
+    assert quiet_far.recv(1) == b""                    # hung up: the far end reads EOF
+    talker_far.setblocking(False)
+    try:
+        talker_far.recv(1)
+        raise AssertionError("the talking connection was hung up")
+    except BlockingIOError:
+        pass                                            # still open, nothing to read
+    for s in (quiet, quiet_far, talker, talker_far):
+        s.close()

@@ -54,6 +54,28 @@ def until(pred, timeout=T):
         time.sleep(0.05)
 
 
+def test_connections_that_never_speak_cannot_hold_the_kernels_fds(kernel):
+    # A DEALER that connects and sends nothing was never a guest (guests are counted from
+    # their first message), so 300 of them held 300 kernel fds for as long as they liked.
+    from llmos.kernel.peers import MAX_GUESTS
+    home, proc = kernel
+    fds = psutil.Process(proc.pid).num_fds
+    c = owner(home)
+    base = fds()
+    socks = [raw(home) for _ in range(MAX_GUESTS + 100)]
+    try:
+        for s in socks:                          # each connects; none says a word
+            s.getsockopt(zmq.EVENTS)
+        until(lambda: fds() >= base + MAX_GUESTS // 2, timeout=T)   # the kernel accepted them
+        time.sleep(1.0)                          # ...all of them, had nobody hung up
+        assert fds() <= base + MAX_GUESTS + 8, f"{fds() - base} silent connections held"
+        assert c.call(Sys.PING) == {}            # the authenticated client is untouched
+    finally:
+        for s in socks:
+            s.close()
+        c.close()
+
+
 def test_guests_cannot_evict_an_authenticated_client(kernel):
     """4,500 pings from fresh identities before hello used to push a heart-beating SDK
     client out of the 4,096-peer table (its process was detached, its contexts freed)."""
