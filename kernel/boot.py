@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.listen:
-            from .server import check_listen
+            from .endpoints import check_listen
             check_listen(args.listen, args.curve)        # before the model loads: fail fast
         return boot(args.home, args.model, args.driver, args.kv_memory, args.heartbeat_timeout,
                     agent_user=args.agent_user, listen=args.listen, curve=args.curve,

@@ -60,7 +60,7 @@ def _listen_argv(listen, no_curve) -> list[str]:
         if no_curve:
             raise click.UsageError("--no-curve goes with --listen")
         return []
-    from llmos.kernel.server import check_listen     # light: no engine, no torch
+    from llmos.kernel.endpoints import check_listen  # light: no engine, no torch
     try:
         check_listen(listen, not no_curve)
     except ValueError as e:

@@ -7,7 +7,8 @@ import msgpack
 import pytest
 import zmq
 
-from llmos.kernel.server import Server, check_endpoint, hard_cap
+from llmos.kernel.endpoints import check_endpoint, hard_cap
+from llmos.kernel.server import Server
 from llmos.syscalls import Connection, Sys, SyscallError, wire
 from tests.syscalls.conftest import TOKEN, Raw, wait_for
 from tests.syscalls.test_args import BAD

@@ -15,7 +15,8 @@ import zmq
 from click.testing import CliRunner
 
 from llmos.kernel.peers import is_loopback, peer_address, peer_credentials
-from llmos.kernel.server import Server, check_listen
+from llmos.kernel.endpoints import check_listen
+from llmos.kernel.server import Server
 from llmos.syscalls import Connection, KernelDead, Sys, keys, wire
 from llmos.syscalls.home import Home
 from llmos.userland import connect
