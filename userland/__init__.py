@@ -7,8 +7,8 @@ nothing here ever imports torch or the kernel's engine.
 """
 import importlib
 
-_LAZY = {name: ".sdk" for name in (
-    "connect", "Kernel", "Context", "Completion", "Delta", "Usage", "Stream", "ProcInfo",
+_LAZY = {"connect": ".attach"} | {name: ".sdk" for name in (
+    "Kernel", "Context", "Completion", "Delta", "Usage", "Stream", "ProcInfo",
     "ProcState", "MemInfo", "ModelInfo", "SysInfo", "ContextInfo", "WaitStatus",
     "KernelNotRunning", "SyscallError", "KernelDead", "CallTimeout")}
 

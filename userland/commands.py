@@ -39,7 +39,7 @@ def client(fn):
 
 
 def _connect(home):
-    from llmos.userland.sdk import connect
+    from llmos.userland import connect
     return connect(home)
 
 

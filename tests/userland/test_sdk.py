@@ -26,7 +26,7 @@ from llmos.syscalls.home import Home, HomeError
 from llmos.userland import (CallTimeout, Completion, Context, ContextInfo, Delta, KernelDead,
                             KernelNotRunning, MemInfo, ModelInfo, ProcInfo, ProcState,
                             SyscallError, SysInfo, Usage, WaitStatus, connect)
-from llmos.userland import sdk
+from llmos.userland import attach
 from llmos.userland.sdk import _OPTIONS, _generate_args
 from tests.kernels import ROOT, until
 
@@ -170,7 +170,7 @@ def test_a_program_below_an_agent_attaches_to_its_kernel_or_is_told_to_spawn(
 
     def unreadable(h):
         raise HomeError(f"{h.token_path}: permission denied")
-    monkeypatch.setattr(sdk, "read_token", unreadable)
+    monkeypatch.setattr(attach, "read_token", unreadable)
     with pytest.raises(SyscallError) as e:
         connect()
     assert e.value.code == "EACCES" and "start it with spawn() or `llmos run`" in e.value.msg
