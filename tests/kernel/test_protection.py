@@ -376,8 +376,14 @@ def test_a_secret_taken_before_the_agent_reads_it_is_noticed(kernel, tmp_path):
     """)
     pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", slow, str(go)])["pid"]
     proc = psutil.Process(os_pid_of(c, pid))
-    until(lambda: "LLMOS_TOKEN_FD" in proc.environ())     # empty while it execs python
-    with open(f"/proc/{proc.pid}/fd/{proc.environ()['LLMOS_TOKEN_FD']}") as f:
+    seen = []
+
+    def token_fd():                  # one read a try: environ is empty while setpriv execs
+        seen.append(proc.environ().get("LLMOS_TOKEN_FD"))
+        return seen[-1]
+
+    until(token_fd)
+    with open(f"/proc/{proc.pid}/fd/{seen[-1]}") as f:
         stolen = f.read().strip()
     thief = Connection(home.socket_url, stolen, timeout=T)
     assert thief.hello["pid"] == pid                      # the window is real ...
