@@ -10,7 +10,10 @@ refusals of a CURVE connection carry key, its client's name on the allow-list), 
     signal         target, signal                 pid signalled target (*)
     denied         syscall, code, reason          EPERM or EACCES from any syscall (*);
                                                   before hello also os_pid
-    limit          syscall, code, reason          EAGAIN: a table, cap or budget is full (*)
+    limit          syscall, code, reason          EAGAIN or ENOMEM: a table, cap, budget or
+                                                  a process's limit is full (*)
+    setrlimit      target, limits                 pid set target's limits (*)
+    sched          policy                         the owner switched the policy (*)
     share          syscall, group                 pid joined a prefix-cache share group (*)
     suppressed     of, syscall, code, count       (*) records of one key dropped in a period
 

@@ -41,13 +41,14 @@ class BlockTable:
     num_tokens: int = 0  # tokens whose KV slots are assigned (computed or computed this step)
     hashes: list[bytes] = field(default_factory=list)  # chained hash of each full, hashed block
     salt: bytes | None = None  # owners with different salts never share cached blocks
+    account: object = None  # whose blocks they are: its .kv[tier] counts them (accounting)
 
 
 class BlockManager:
     """Hands out KV blocks with reference counts and caches full blocks by content."""
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True,
-                 on_free: Callable[[list[int]], None] | None = None):
+                 on_free: Callable[[list[int]], None] | None = None, tier: str = "device"):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, "
                              f"got {num_blocks} and {block_size}")
@@ -55,6 +56,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.on_free = on_free  # debug hook: receives blocks whose content became garbage
+        self.tier = tier  # the key of a table's account.kv that counts this pool's blocks
         self._refcount = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks  # set iff the block is in _cache
         self._cache: dict[bytes, int] = {}  # hash -> block id (referenced or cached)
@@ -85,11 +87,12 @@ class BlockManager:
 
     # ---- tables ---------------------------------------------------------------------
 
-    def new_table(self, salt: bytes | None = None) -> BlockTable:
-        """An empty table; blocks are cached under and matched against `salt` only."""
+    def new_table(self, salt: bytes | None = None, account=None) -> BlockTable:
+        """An empty table; blocks are cached under and matched against `salt` only, and
+        counted in account.kv[tier] (account: anything with a `kv` dict, or None)."""
         if salt is not None and not isinstance(salt, bytes):
             raise ValueError(f"salt must be bytes or None, got {type(salt).__name__}")
-        return BlockTable(salt=salt)
+        return BlockTable(salt=salt, account=account)
 
     def match_prefix(self, table: BlockTable, token_ids: list[int]) -> int:
         """Give an empty table the longest cached run of full blocks that prefixes token_ids.
@@ -114,6 +117,7 @@ class BlockManager:
             table.hashes.append(h)
             parent = h
         table.num_tokens = len(table.blocks) * bs
+        self._meter(table, len(table.blocks))
         return table.num_tokens
 
     def can_append(self, table: BlockTable, n: int) -> bool:
@@ -136,9 +140,11 @@ class BlockManager:
             src, dst = table.blocks[-1], self._take()
             table.blocks[-1] = dst
             copies.append((src, dst))
+        before = len(table.blocks)
         while len(table.blocks) < self._blocks_for(table.num_tokens + n):
             table.blocks.append(self._take())
         table.num_tokens += n
+        self._meter(table, len(table.blocks) - before)
         # Released last: the engine still reads src for the copy. If src drops to cached it
         # may be retaken later, but its new owner writes only in the forward, after the copy.
         for src, _ in copies:
@@ -176,11 +182,15 @@ class BlockManager:
                 self._hash[block] = h
             table.hashes.append(h)
 
-    def fork(self, table: BlockTable) -> BlockTable:
-        """A new table sharing every block; the partial last one is copied on write later."""
+    def fork(self, table: BlockTable, account=None) -> BlockTable:
+        """A new table sharing every block, counted for `account` (default: table's); the
+        partial last one is copied on write later."""
         for block in table.blocks:
             self._ref(block)
-        return BlockTable(list(table.blocks), table.num_tokens, list(table.hashes), table.salt)
+        child = BlockTable(list(table.blocks), table.num_tokens, list(table.hashes), table.salt,
+                           table.account if account is None else account)
+        self._meter(child, len(child.blocks))
+        return child
 
     def truncate(self, table: BlockTable, num_tokens: int) -> None:
         """Drop KV beyond num_tokens, releasing blocks no longer needed.
@@ -191,6 +201,7 @@ class BlockManager:
             raise ValueError(f"cannot truncate {table.num_tokens} tokens to {num_tokens}")
         keep = self._blocks_for(num_tokens)
         self._release(table.blocks[keep:])
+        self._meter(table, keep - len(table.blocks))
         del table.blocks[keep:]
         del table.hashes[num_tokens // self.block_size:]
         table.num_tokens = num_tokens
@@ -199,7 +210,15 @@ class BlockManager:
         """Release every block of the table and leave it empty (blocks, tokens, hashes)."""
         self.truncate(table, 0)
 
+    def blocks_needed(self, table: BlockTable, n: int) -> int:
+        """Blocks append_slots(table, n) would take (copy-on-write included)."""
+        return self._blocks_needed(table, n)
+
     # ---- internals ------------------------------------------------------------------
+
+    def _meter(self, table: BlockTable, delta: int) -> None:
+        if table.account is not None and delta:
+            table.account.kv[self.tier] += delta
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -1,7 +1,9 @@
 """Booting the kernel: `llmos up` runs `boot`, which reads as the table of contents.
 
     python -m llmos.kernel [--home DIR] [--model tiny] [--driver cpu] [--kv-memory 512M]
-                           [--listen tcp://HOST:PORT [--no-curve]]
+                           [--listen tcp://HOST:PORT [--no-curve]] [--sched NAME]
+                           [--kv-ttl SECONDS] [--kv-disk SIZE] [--kv-swap SIZE] [--no-kv-paging]
+                           [--limit NAME=VALUE ...]
 
 Exit status: 0 after a clean shutdown (SIGTERM, SIGINT, `llmos down`), 1 when the
 engine crashed, 2 when it could not boot (the message, on stderr, says why).
@@ -15,9 +17,11 @@ import os
 import signal
 import sys
 
+from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.home import Home, HomeError
+from llmos.syscalls.specs import parse_limit
 
-from . import agentuser, subreaper, tunables
+from . import agentuser, limits, subreaper, tunables
 from .home import HomeLock
 from .logfile import LogFile, LogHandler
 
@@ -28,11 +32,18 @@ GRACE = 5.0       # seconds children get between SIGTERM and SIGKILL at shutdown
 def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
          heartbeat_timeout: float = tunables.HEARTBEAT_TIMEOUT,
          agent_user: str | None = None, listen: str | None = None, curve: bool = True,
-         max_agents: int | None = None) -> int:
+         max_agents: int | None = None, sched: str | None = None, kv_ttl: float | None = None,
+         kv_disk: str | int | None = None, default_limits: dict | None = None,
+         kv_paging: bool = True, kv_swap: str | int | None = None) -> int:
     """Boot, serve until told to stop, shut down. Returns the exit status. agent_user: the
     user agents run as (kernel/agentuser.py; root only), else the kernel's own uid.
     listen: a tcp endpoint served besides the home's socket, with CURVE unless not curve.
-    max_agents: live agent processes at most (default: by memory, kernel/proc.py)."""
+    max_agents: live agent processes at most (default: by memory, kernel/proc.py).
+    sched, kv_ttl, kv_disk: the engine's scheduling policy, how long an idle context stays
+    resident, the disk tier's size (in HOME/kv/); None: the engine's defaults. kv_paging
+    False: idle contexts stay resident (a baseline for bench/agent_workload.py). kv_swap:
+    the host swap pool's size (default: half the device pool's blocks).
+    default_limits: {name: value, None: no limit} over the kernel-wide defaults."""
     from .engine import Engine
     from .kernel import Supervisor
     from .server import Server
@@ -46,11 +57,14 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     try:
         _log_to(home.kernel_log)
         log.info("booting: model %s, driver %s", model, driver)
-        engine = Engine.from_pretrained(model, driver=driver,   # 2. the model and KV pool
-                                        kv_memory=kv_memory)
+        engine = Engine.from_pretrained(model, driver=driver,   # 2. the model, KV pool, policy
+                                        kv_memory=kv_memory, kv_paging=kv_paging,
+                                        **_engine_options(lock, sched, kv_ttl, kv_disk,
+                                                          kv_swap))
         _inject_faults(engine)
         kernel = Supervisor(home, engine, str(model), token,     # 3. processes, engine loop
-                            agent_user=user, max_agents=max_agents)
+                            agent_user=user, max_agents=max_agents,
+                            default_limits=default_limits)
         subreaper.adopt(kernel.procs, kernel.timers)         # 4. orphans below us are ours
         table = SyscallTable()
         install(table, kernel)                               # 5. the syscall table
@@ -69,6 +83,7 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     print(f"llmos kernel {os.getpid()} listening on {where}", flush=True)
     log.info("listening on %s (driver %s, %d KV blocks)", where, engine.driver.name,
              engine.num_blocks)
+    log.info("default limits: %s", kernel.procs.default_limits)
     kernel.loop.run()                                        # 7. serve: the engine, this thread
     log.info("shutting down: %s", stopped_by[0] if stopped_by else "engine crashed")
     server.close(cancel=True)                                # 8. calls in flight get ECANCELED
@@ -77,6 +92,16 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     kernel.close()
     lock.release()                                           # 11. socket, token, pid file
     return 1 if kernel.dead.is_set() else 0
+
+
+def _engine_options(lock, sched, kv_ttl, kv_disk, kv_swap) -> dict:
+    """The engine's options that were given (the rest take the engine's defaults); a disk
+    tier gets the home's private kv/ directory."""
+    given = {"policy": sched, "kv_ttl": kv_ttl, "kv_disk": kv_disk, "kv_swap": kv_swap}
+    if kv_disk is not None:
+        lock.private_dir(lock.home.kv_dir)
+        given["kv_disk_dir"] = lock.home.kv_dir
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _few_malloc_arenas() -> None:
@@ -148,6 +173,22 @@ def _positive(text: str) -> int:
     return n
 
 
+def _limit(text: str) -> tuple:
+    """argparse type of --limit: NAME=VALUE as (name, value, None for no limit)."""
+    try:
+        name, value = parse_limit(text)
+    except SyscallError as e:
+        raise argparse.ArgumentTypeError(e.msg) from None
+    return name, limits.asked({name: value})[name]
+
+
+def _seconds(text: str) -> float:
+    s = float(text)
+    if not s >= 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return s
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmos.kernel",
                                  description="The llmos kernel daemon (`llmos up` runs it).")
@@ -167,6 +208,22 @@ def main(argv=None) -> int:
     ap.add_argument("--max-agents", type=_positive, default=None, metavar="N",
                     help="agent processes running at once, at most (default: one per 64 MiB "
                          "of memory, 16 to 1024)")
+    ap.add_argument("--sched", default=None, metavar="NAME",
+                    help=f"scheduling policy (default {tunables.DEFAULT_POLICY}); `llmos "
+                         f"sched` lists them and switches it later")
+    ap.add_argument("--kv-ttl", type=_seconds, default=None, metavar="SECONDS",
+                    help=f"seconds an idle context's KV stays resident before it may be "
+                         f"paged out (default {tunables.KV_TTL:g})")
+    ap.add_argument("--kv-disk", default=None, metavar="SIZE",
+                    help="a disk tier for paged-out KV, e.g. 4G, in HOME/kv (default: none)")
+    ap.add_argument("--kv-swap", default=None, metavar="SIZE",
+                    help="the host swap pool for preempted and paged-out KV, e.g. 1G "
+                         "(default: half the KV pool)")
+    ap.add_argument("--no-kv-paging", dest="kv_paging", action="store_false",
+                    help="idle contexts stay in the device pool (no virtual memory for KV)")
+    ap.add_argument("--limit", type=_limit, action="append", default=[], metavar="NAME=VALUE",
+                    help="a default per-process limit (calls, kv_blocks, contexts, children, "
+                         "tokens_per_s), a number or 'unlimited'; repeatable")
     args = ap.parse_args(argv)
     try:
         if args.listen:
@@ -174,7 +231,9 @@ def main(argv=None) -> int:
             check_listen(args.listen, args.curve)        # before the model loads: fail fast
         return boot(args.home, args.model, args.driver, args.kv_memory, args.heartbeat_timeout,
                     agent_user=args.agent_user, listen=args.listen, curve=args.curve,
-                    max_agents=args.max_agents)
+                    max_agents=args.max_agents, sched=args.sched, kv_ttl=args.kv_ttl,
+                    kv_disk=args.kv_disk, default_limits=dict(args.limit),
+                    kv_paging=args.kv_paging, kv_swap=args.kv_swap)
     except (HomeError, ValueError) as e:       # CheckpointError and bad options are ValueErrors
         print(f"llmos kernel: {e}", file=sys.stderr)
         return 2

@@ -31,25 +31,32 @@ import logging
 import math
 from typing import Callable, Iterable
 
-from .blocks import BlockManager
-from .errors import ContextBusy, EngineError, KVOutOfMemory, NoSuchContext
 from llmos.syscalls.types import Completion
 
+from . import tunables
+from .account import Account
+from .blocks import BlockManager
+from .contexts import ContextCalls
+from .errors import ContextBusy, EngineError, KVOutOfMemory
+from .policy import make_policy
 from .request import KVContext, Request, RequestOutput, Sequence
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .swap import Swapper
 from .tokenizer import Tokenizer
+from .vm import DiskTier, Pager
 
 log = logging.getLogger("llmos.engine")
 
 
-class Engine:
+class Engine(ContextCalls):
     def __init__(self, model, tokenizer: Tokenizer, driver, *, num_blocks: int,
                  block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, num_swap_blocks: int = 0,
-                 enable_prefix_caching: bool = True, poison: bool = False):
+                 enable_prefix_caching: bool = True, poison: bool = False,
+                 policy: str = tunables.DEFAULT_POLICY, kv_ttl: float = tunables.KV_TTL,
+                 kv_disk_blocks: int = 0, kv_disk_dir=None, kv_paging: bool = True):
         cfg = model.config
         self.model, self.tokenizer, self.driver = model, tokenizer, driver
         self.config, self.max_model_len, self.block_size = cfg, max_model_len, block_size
@@ -62,13 +69,19 @@ class Engine:
         self.swapper = None
         if num_swap_blocks > 0:
             host_caches = driver.allocate_swap(num_blocks=num_swap_blocks, **layout)
-            host = BlockManager(num_swap_blocks, block_size, enable_prefix_caching=False)
+            host = BlockManager(num_swap_blocks, block_size, enable_prefix_caching=False,
+                                tier="host")
             self.swapper = Swapper(driver, self.kv_caches, host_caches, host)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
-                                   self._copy_blocks, self.swapper)
-        self.runner = ModelRunner(model, driver, self.kv_caches, block_size)
         self.requests: dict[int, Request] = {}
         self.contexts: dict[int, KVContext] = {}
+        disk = DiskTier(kv_disk_dir, kv_disk_blocks, driver, self.kv_caches) \
+            if kv_disk_blocks > 0 else None
+        self.pager = Pager(self.blocks, self.swapper, self.contexts, kv_ttl, disk)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                   self._copy_blocks, self.swapper, make_policy(policy),
+                                   self.pager if kv_paging else None)
+        self.anonymous = Account()      # the account of requests and contexts given none
+        self.runner = ModelRunner(model, driver, self.kv_caches, block_size)
         self._context_ids = itertools.count(1)
         self.last_batch: list[Request] = []   # the requests the latest step computed
         self.stats = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0}
@@ -89,7 +102,7 @@ class Engine:
                     on_event: Callable[[RequestOutput], None] | None = None,
                     salt: bytes | None = None, stream: bool = False, chat: bool = False,
                     request_id: int | None = None, owner: object = None,
-                    **sampling) -> Request:
+                    account: Account | None = None, **sampling) -> Request:
         """Queue a request; return it (its `.id`, or request_id if given, names it for
         `abort`; `owner` is an opaque tag for the caller).
 
@@ -99,8 +112,10 @@ class Engine:
         (returned by step, and given to on_event) carry token ids; with stream=True also
         their text, else the text comes whole in the Completion. Raises EngineError
         (EINVAL) for bad input, NoSuchContext, ContextBusy, or KVOutOfMemory when it
-        could never fit in the pool.
+        could never fit in the pool or in its account's kv_blocks limit. `account` is
+        charged for it and ranked by the policy (default: the engine's anonymous one).
         """
+        account = account or self.anonymous
         params = (params or SamplingParams.from_options(sampling)).check(self.config.vocab_size)
         ctx = self._context(context) if context is not None else None
         if messages is not None or isinstance(prompt, str):
@@ -108,18 +123,20 @@ class Engine:
         tokens = self._token_ids(prompt, chat, continuing=bool(ctx and ctx.seq.tokens))
         if ctx is not None and ctx.busy is not None:
             raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
-        seq = ctx.seq if ctx else Sequence([], self.blocks.new_table(salt))
+        seq = ctx.seq if ctx else Sequence([], self.blocks.new_table(salt, account))
         total = len(seq.tokens) + len(tokens)
         if total == 0:
             raise EngineError("prompt: empty (give text, token ids or messages)")
-        self._check_fits(total, params.max_tokens)
+        self._check_fits(total, params.max_tokens, account)
         if request_id is not None and request_id in self.requests:
             raise EngineError(f"request id {request_id} is in use")
-        if params.max_tokens > 0 and not tokens and seq.num_pending == 0:
+        paged = self.pager.take(ctx) if ctx else None
+        if paged is None and params.max_tokens > 0 and not tokens and seq.num_pending == 0:
             self.blocks.truncate(seq.table, seq.num_computed - 1)   # recompute for logits
         seq.tokens += tokens
         req = Request(seq, params, self.tokenizer, on_event, ctx, stream, owner=owner,
-                      **({} if request_id is None else {"id": request_id}))
+                      account=account, **({} if request_id is None else {"id": request_id}))
+        req.swapped, req.stopped = paged, account.stopped
         if ctx:
             ctx.busy = req
         self.requests[req.id] = req
@@ -157,7 +174,7 @@ class Engine:
             return tokens[1:]
         return tokens
 
-    def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
+    def _check_fits(self, prompt_len: int, max_tokens: int, account: Account | None = None) -> None:
         total = prompt_len + max_tokens
         if total > self.max_model_len:
             raise EngineError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
@@ -166,6 +183,10 @@ class Engine:
         if need > self.num_blocks:
             raise KVOutOfMemory(f"request needs {need} KV blocks but the pool holds "
                                 f"{self.num_blocks}")
+        limit = account.limits.kv_blocks if account is not None else None
+        if limit is not None and need > limit:
+            raise KVOutOfMemory(f"kv_blocks limit ({limit}) exceeded: prompt ({prompt_len} "
+                                f"tokens) + max_tokens ({max_tokens}) need {need} KV blocks")
 
     def abort(self, request_id: int) -> bool:
         """Finish a queued or running request with reason "abort"; False if it is not live."""
@@ -186,8 +207,32 @@ class Engine:
         req.stopped = stopped
         return True
 
+    def pause(self, account: Account, stopped: bool) -> None:
+        """SIGSTOP / SIGCONT of a process: its requests are not scheduled, and its KV
+        (requests and idle contexts) is the first to yield when others need room."""
+        account.stopped = stopped
+        for req in self.requests.values():
+            if req.account is account:
+                req.stopped = stopped
+
+    def set_policy(self, name: str) -> None:
+        """Switch the scheduling policy (kernel/policy.py). Raises EngineError (EINVAL)
+        naming the policies there are."""
+        try:
+            self.scheduler.set_policy(make_policy(name))
+        except ValueError as e:
+            raise EngineError(f"policy: {e}") from None
+
+    @property
+    def policy(self) -> str:
+        return self.scheduler.policy.name
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def wake_in(self) -> float | None:
+        """With no work to do now: seconds until throttled work may run (None: none)."""
+        return self.scheduler.wake_in()
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -195,18 +240,23 @@ class Engine:
         batch = self.scheduler.schedule()
         touched = []
         for req in batch.refused:
-            req.finish("abort", error=f"out of KV memory: {len(req.seq.tokens)} tokens do not "
-                                      f"fit in the {self.blocks.num_free_blocks} free blocks")
+            req.finish("abort", error=req.refusal or (
+                f"out of KV memory: {len(req.seq.tokens)} tokens do not fit in the "
+                f"{self.blocks.num_free_blocks} free blocks"))
             touched.append(req)
         self.last_batch = [req for req, _ in batch.items]
         if batch.items:
             sampling, logits = self.runner.run(batch.items)
+            before = [len(req.output_ids) for req, _ in batch.items]
             for req, n in batch.items:
                 self.blocks.commit_full_blocks(req.seq.table, req.seq.tokens)
                 touched.append(req)
             self.stats["steps"] += 1
             self.stats["computed_tokens"] += batch.num_tokens
             self._sample(sampling, logits)
+            for (req, n), had in zip(batch.items, before):
+                decode = n == 1 and had > 0         # the token it computed it had generated
+                self.scheduler.charge(req, 0 if decode else n, len(req.output_ids) - had)
         deltas = []
         for req in touched:
             if req.finished:
@@ -248,13 +298,15 @@ class Engine:
 
     def _release(self, req: Request) -> None:
         self.scheduler.remove(req)
-        if req.swapped is not None:
-            self.swapper.drop(req.swapped)
-            req.swapped = None
+        paged, req.swapped = req.swapped, None
         self.requests.pop(req.id, None)
         if req.context is not None:
             req.context.busy = None
+            req.context.last_used = self.scheduler.clock()
+            if paged is not None:
+                self.pager.give_back(req.context, paged)
         else:
+            self.pager.drop(paged)
             self.blocks.free(req.seq.table)
 
     def _emit(self, req: Request) -> RequestOutput | None:
@@ -271,65 +323,6 @@ class Engine:
         if delta is not None and req.on_event is not None:
             req.on_event(delta)
         return delta
-
-    # ---- contexts -------------------------------------------------------------------
-    def context_create(self, prompt: str | list[int] | None = None, *, messages=None,
-                       salt: bytes | None = None, context_id: int | None = None,
-                       owner: object = None) -> int:
-        """A KV sequence that outlives requests; its tokens are computed by the next request.
-        Returns its id (context_id if given). Raises EngineError for a bad prompt."""
-        cid = next(self._context_ids) if context_id is None else context_id
-        if cid in self.contexts:
-            raise EngineError(f"context id {cid} is in use")
-        tokens = [] if prompt is None and messages is None else self.encode(prompt, messages, reply=False)
-        self._check_fits(len(tokens), 0)
-        ctx = KVContext(cid, Sequence(tokens, self.blocks.new_table(salt)), owner=owner)
-        self.contexts[cid] = ctx
-        return cid
-
-    def context_extend(self, context: int, prompt=None, *, messages=None) -> None:
-        ctx = self._idle_context(context)
-        tokens = self._token_ids(self.encode(prompt, messages, reply=False),
-                                 chat=messages is not None, continuing=bool(ctx.seq.tokens))
-        self._check_fits(len(ctx.seq.tokens) + len(tokens), 0)
-        ctx.seq.tokens += tokens
-
-    def context_fork(self, context: int, context_id: int | None = None,
-                     owner: object = None) -> int:
-        """A copy-on-write child: it shares every block of the parent until one of them writes."""
-        parent = self._idle_context(context)
-        cid = next(self._context_ids) if context_id is None else context_id
-        if cid in self.contexts:
-            raise EngineError(f"context id {cid} is in use")
-        table = self.blocks.fork(parent.seq.table)
-        child = KVContext(cid, Sequence(list(parent.seq.tokens), table),
-                        owner=parent.owner if owner is None else owner)
-        self.contexts[child.id] = child
-        return child.id
-
-    def context_free(self, context: int) -> None:
-        ctx = self._context(context)
-        if ctx.busy is not None:
-            self.abort(ctx.busy.id)
-        self.blocks.free(ctx.seq.table)
-        del self.contexts[context]
-
-    def context_info(self, context: int) -> dict:
-        seq = self._context(context).seq
-        return {"id": context, "tokens": len(seq.tokens), "computed": seq.num_computed,
-                "blocks": len(seq.table.blocks), "busy": self.contexts[context].busy is not None}
-
-    def _context(self, context: int) -> KVContext:
-        ctx = self.contexts.get(context)
-        if ctx is None:
-            raise NoSuchContext(f"context {context}: no such context")
-        return ctx
-
-    def _idle_context(self, context: int) -> KVContext:
-        ctx = self._context(context)
-        if ctx.busy is not None:
-            raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
-        return ctx
 
     # ---- batch convenience ----------------------------------------------------------
     def generate(self, prompts: Iterable[str | list[int]], **sampling) -> list[Completion]:

@@ -77,6 +77,16 @@ class HomeLock:
         os.chown(name, -1, gid, dir_fd=self._run, follow_symlinks=False)
         os.chmod(name, 0o660, dir_fd=self._run)
 
+    def private_dir(self, path) -> None:
+        """Make path, a directory right in the home (kv/), private as run/ and log/ are:
+        0700 and ours, never a symlink or another user's (HomeError). The home is checked
+        again first: ours alone, so nobody else can swap the directory afterwards."""
+        home = trusted_home(self.home)
+        try:
+            os.close(private_dir(home, path.name, path))
+        finally:
+            os.close(home)
+
     def release(self) -> None:
         """Remove the socket, the token and the pid file, then drop the lock. Idempotent."""
         if self._run is None:

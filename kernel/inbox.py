@@ -104,3 +104,11 @@ class Inbox:
             return self._q.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+@dataclass(frozen=True)
+class SetPolicy:
+    """Switch the scheduling policy to `name` (kernel/policy.py); the call gets a SchedInfo,
+    or EINVAL for an unknown name."""
+    name: str
+    call: Any

@@ -30,16 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
-from llmos.syscalls.errors import EACCES, EAGAIN, EINVAL, SyscallError
+from llmos.syscalls.args import UNLIMITED
+from llmos.syscalls.errors import EACCES, EAGAIN, EINVAL, ENOMEM, EPERM, SyscallError
 from llmos.syscalls.numbers import Sys, sys_name
-from llmos.syscalls.types import Hello, ProcInfo, ProcState, WaitStatus
+from llmos.syscalls.types import Hello, Limits, ProcInfo, ProcState, SchedInfo, WaitStatus
 
 from . import inbox as cmd
-from . import tunables
+from . import limits, tunables
 from .audit import AuditLog
 from .llmcalls import LLMCalls
 from .loop import EngineLoop
 from .peers import is_loopback, peer_address, peer_credentials
+from .policy import POLICIES
 from .proc import ProcTable, first_free_pid
 from .signals import NOSIG, parse_signal, signal_name
 from .sampler import Sampler
@@ -52,14 +54,17 @@ CANCEL_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT}   # cancel its 
 
 class Supervisor(LLMCalls):
     def __init__(self, home, engine, model_name: str, owner_token: str, agent_user=None,
-                 max_agents: int | None = None):
+                 max_agents: int | None = None, default_limits: dict | None = None):
+        """default_limits: {name: value, None: no limit} set instead of the kernel-wide
+        defaults (kernel/limits.py; `llmos up --limit`)."""
         self.home, self.engine, self.model_name = home, engine, model_name
         self._owner_token = owner_token.encode()
         self.audit = AuditLog.open(home.log_dir)        # log/audit.log (kernel/audit.py)
         self.started = time.time()
         self.procs = ProcTable(on_exit=self._exited, on_signal=self._signalled,
                                first_pid=first_free_pid(home.log_dir), user=agent_user,
-                               max_agents=max_agents)
+                               max_agents=max_agents,
+                               default_limits=limits.defaults(engine.num_blocks, default_limits))
         self.loop = EngineLoop(engine, self.procs, on_crash=self._engine_crashed)
         self.timers = Timers()
         self.timers.every(self.audit.period, self.audit.tick)
@@ -130,8 +135,8 @@ class Supervisor(LLMCalls):
         self.procs.live(conn.pid)
 
     def denied(self, call, code: str, msg: str) -> None:
-        """I/O thread: call was refused with EPERM, EACCES or EAGAIN: an audit record.
-        Before hello it names the peer's uid and os pid by SO_PEERCRED."""
+        """I/O thread: call was refused with EPERM, EACCES, EAGAIN or ENOMEM (a limit): an
+        audit record. Before hello it names the peer's uid and os pid by SO_PEERCRED."""
         conn, what = call.conn, {}
         uid = conn.uid
         if conn.pid is None:
@@ -139,15 +144,18 @@ class Supervisor(LLMCalls):
         if call.nr == Sys.HELLO:
             event = "hello_refused"
         else:
-            event, what["syscall"] = "limit" if code == EAGAIN else "denied", sys_name(call.nr)
+            event = "limit" if code in (EAGAIN, ENOMEM) else "denied"
+            what["syscall"] = sys_name(call.nr)
         self.audit.record(event, limited=True, pid=conn.pid, uid=uid, **what, code=code,
                           reason=msg, **_key(conn))
 
     def spawn(self, caller: int, argv: list, name=None, nice=None, env=None,
-              uid: int | None = None) -> int:
-        """Start argv as caller's child; uid (the caller's, for the audit log)."""
+              uid: int | None = None, asked: dict | None = None, owner: bool = False) -> int:
+        """Start argv as caller's child, with caller's limits and those asked ({name: value,
+        None: no limit}; raising one: owner only); uid (the caller's, for the audit log)."""
         p = self.procs.spawn(argv, name=name, nice=nice or 0, parent=caller, env_extra=env,
-                             socket_path=self.home.socket_url, log_dir=self.home.log_dir)
+                             socket_path=self.home.socket_url, log_dir=self.home.log_dir,
+                             asked=asked, by_owner=owner)
         self.audit.record("spawn", limited=True, pid=caller, uid=uid, target=p.pid, name=p.name,
                           argv0=p.argv[0], os_pid=p.os_pid)
         return p.pid
@@ -174,6 +182,32 @@ class Supervisor(LLMCalls):
         if num != NOSIG:                       # kill(pid, 0) only asks
             self.audit.record("signal", limited=True, pid=caller, uid=uid, target=pid,
                               signal=signal_name(num))
+
+    def setrlimit(self, caller: int, owner: bool, pid: int, wanted: dict,
+                  uid: int | None = None) -> Limits:
+        """Set pid's limits for caller (kernel/limits.py rules); an audit record. Returns
+        the limits now in force. Raises ESRCH, EPERM."""
+        now = self.procs.setrlimit(pid, wanted, caller, owner)
+        self.audit.record("setrlimit", limited=True, pid=caller, uid=uid, target=pid,
+                          limits={n: UNLIMITED if v is None else v for n, v in wanted.items()})
+        return now
+
+    # ---- scheduling -----------------------------------------------------------------
+    def sched_info(self) -> SchedInfo:
+        """The policy in force (as the engine last published it) and the policies there are."""
+        return SchedInfo(self.loop.snapshot.policy, list(POLICIES))
+
+    def set_policy(self, call, owner: bool, name: str) -> None:
+        """Queue the switch to policy `name`; the engine thread answers call with the new
+        SchedInfo. Raises EPERM (not the owner), EINVAL (no such policy, naming them)."""
+        if not owner:
+            raise SyscallError(EPERM, "sched: only the owner may switch the scheduling policy")
+        if name not in POLICIES:
+            raise SyscallError(EINVAL, f"sched: no policy {name!r} (policies: "
+                                       f"{', '.join(POLICIES)})")
+        self.audit.record("sched", limited=True, pid=call.conn.pid, uid=call.conn.uid,
+                          policy=name, **_key(call.conn))
+        self.loop.put(cmd.SetPolicy(name, call))
 
     def _exited(self, proc, rids: list, contexts: list) -> None:
         """Process table hook, under its lock: release what the dead process held."""
@@ -242,13 +276,18 @@ class Supervisor(LLMCalls):
         """The process table as caller may see it, with the engine's latest view of who runs."""
         snap, now = self.loop.snapshot, time.monotonic()
         with self.procs.lock:
-            return [ProcInfo(pid=p.pid, ppid=p.ppid, name=p.name, state=self._state(p, snap),
-                             nice=p.nice, kv_blocks=snap.blocks.get(p.pid, 0),
-                             calls=len(p.requests), contexts=len(p.contexts),
-                             tokens_in=p.tokens_in, tokens_out=p.tokens_out,
-                             cpu_percent=p.cpu_percent, rss=p.rss, age=now - p.started_mono,
-                             os_pid=p.os_pid, exit_status=p.exit_status)
-                    for p in self.visible(caller, owner)]
+            return [self._row(p, snap, now) for p in self.visible(caller, owner)]
+
+    def _row(self, p, snap, now: float) -> ProcInfo:
+        a = p.acct                   # the engine thread's counters: a stale int is fine
+        return ProcInfo(pid=p.pid, ppid=p.ppid, name=p.name, state=self._state(p, snap),
+                        nice=p.nice, kv_blocks=a.kv["device"], calls=len(p.requests),
+                        contexts=len(p.contexts), tokens_in=a.prompt_tokens,
+                        tokens_out=a.generated_tokens, cpu_percent=p.cpu_percent, rss=p.rss,
+                        age=now - p.started_mono, os_pid=p.os_pid, exit_status=p.exit_status,
+                        service=a.service, queued_s=a.queued_s, running_s=a.running_s,
+                        preemptions=a.preemptions, swaps=a.swaps, kv_swapped=a.kv["host"],
+                        kv_disk=a.kv["disk"])
 
     @staticmethod
     def _state(p, snap) -> ProcState:

@@ -3,6 +3,9 @@ detokenize and the contexts. Their policy: what a process may name (its own cont
 loaded model), how a prompt becomes tokens (inline, or on a tokenizer worker when long),
 which prefix-cache salt a call gets, and when its engine command is queued.
 
+Limits (kernel/limits.py) are checked here, under the lock, as a call is accepted: calls
+(generate, EAGAIN) and contexts (create and fork, ENOMEM); cancel is never refused.
+
 A mixin of Supervisor, which gives it: procs (the process table, whose lock orders
 ownership and queueing), loop (the engine loop's inbox), engine (read-only here: model
 limits, tokenizer), tokenizers (the worker pool), audit, tree_root() and _shares.
@@ -15,7 +18,7 @@ from llmos.syscalls.numbers import sys_name
 from llmos.syscalls.types import Completion, ProcState
 
 from . import inbox as cmd
-from . import tunables
+from . import limits, tunables
 
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
             "stop_token_ids", "ignore_eos")
@@ -29,7 +32,8 @@ class LLMCalls:
                                        f"(loaded: {self.model_name})")
 
     def generate(self, call, caller: int, a: dict) -> None:
-        """Accept a generate: record it as caller's, tokenize, queue it for the engine."""
+        """Accept a generate: record it as caller's, tokenize, queue it for the engine.
+        Raises ESRCH (caller, context), EAGAIN (caller's calls limit)."""
         self.check_model(a["model"])
         sampling = {k: a[k] for k in SAMPLING if a[k] is not None}
         key, rid, ctx = (call.conn.peer, call.id), next(self._ids), a["context"]
@@ -37,6 +41,8 @@ class LLMCalls:
             proc = self.procs.live(caller)
             if ctx is not None and ctx not in proc.contexts:
                 raise SyscallError(ESRCH, f"context: no context {ctx} of process {caller}")
+            n = len(proc.requests)
+            limits.check(proc, "calls", n, f"process {caller} has {n} LLM calls in flight")
             proc.requests[key] = rid
             self._join(call, a["share"])
 
@@ -136,6 +142,7 @@ class LLMCalls:
         cid = next(self._ids)
         with self.procs.lock:
             proc = self.procs.live(caller)
+            self._check_contexts(proc)
             proc.contexts.add(cid)
             self._join(call, share)
 
@@ -161,6 +168,7 @@ class LLMCalls:
         cid = next(self._ids)
         with self.procs.lock:
             proc = self._owner_of(caller, source)
+            self._check_contexts(proc)
             proc.contexts.add(cid)
             self.loop.put(cmd.ForkContext(source, cid, proc, call))
 
@@ -173,6 +181,12 @@ class LLMCalls:
         with self.procs.lock:
             self._owner_of(caller, context)
             self.loop.put(cmd.DescribeContext(context, call))
+
+    @staticmethod
+    def _check_contexts(proc) -> None:
+        """Under procs.lock: proc may open one more context. Raises ENOMEM (its limit)."""
+        n = len(proc.contexts)
+        limits.check(proc, "contexts", n, f"process {proc.pid} has {n} contexts open")
 
     def _owner_of(self, caller: int, context: int):
         proc = self.procs.live(caller)

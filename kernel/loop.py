@@ -6,8 +6,9 @@ thread on 2 cores. Tests may `start` it on a thread of its own.
 
 One turn of the loop:
   1. take the commands waiting in the inbox, in arrival order, and apply each
-     (kernel/inbox.py); when the engine is idle, block for the first one and gather
-     what else arrives within ARRIVAL_WINDOW, so that requests sent together share a step;
+     (kernel/inbox.py); when the engine is idle, block for the first one (at most until
+     throttled work may run again: engine.wake_in) and gather what else arrives within
+     ARRIVAL_WINDOW, so that requests sent together share a step;
   2. if the engine has work, run one step; its outputs answer their calls;
   3. publish a Snapshot (what ps, meminfo and sysinfo read) at most every
      SNAPSHOT_PERIOD while busy, and whenever the engine falls idle;
@@ -29,10 +30,11 @@ from functools import partial
 from typing import Callable
 
 from llmos.syscalls.errors import ECANCELED, SyscallError
-from llmos.syscalls.types import ContextInfo, Delta, KVInfo
+from llmos.syscalls.types import ContextInfo, Delta, KVInfo, SchedInfo
 
 from . import inbox as cmd
 from . import tunables
+from .policy import POLICIES
 
 log = logging.getLogger("llmos.loop")
 
@@ -43,8 +45,10 @@ class Snapshot:
     at: float = 0.0                                 # time.monotonic() when taken
     kv: KVInfo = field(default_factory=KVInfo)
     running: frozenset = frozenset()                # pids with tokens in the latest batch
-    blocks: dict = field(default_factory=dict)      # pid -> KV blocks its requests/contexts hold
     stats: dict = field(default_factory=dict)       # steps, computed/generated tokens, preemptions
+    policy: str = ""                                # the scheduling policy in force
+    disk_total: int = 0                             # KV blocks the disk tier may hold
+    disk_used: int = 0
 
 
 class EngineLoop:
@@ -60,7 +64,8 @@ class EngineLoop:
         self._apply = {cmd.Add: self._add, cmd.Abort: self._abort, cmd.Pause: self._pause,
                        cmd.Release: self._release, cmd.CreateContext: self._create_context,
                        cmd.ForkContext: self._fork_context, cmd.FreeContext: self._free_context,
-                       cmd.DescribeContext: self._describe_context}
+                       cmd.DescribeContext: self._describe_context,
+                       cmd.SetPolicy: self._set_policy}
 
     # ---- any thread -----------------------------------------------------------------
     def put(self, command) -> None:
@@ -111,7 +116,9 @@ class EngineLoop:
         while True:
             if block:
                 self._publish()
-                c = self.inbox.get(timeout=None)
+                c = self.inbox.get(timeout=self.engine.wake_in())   # throttled work: a timeout
+                if c is None:
+                    return True
                 block, deadline = False, time.monotonic() + tunables.ARRIVAL_WINDOW
             else:
                 left = 0 if deadline is None else max(0.0, deadline - time.monotonic())
@@ -129,21 +136,16 @@ class EngineLoop:
         if busy and now - self._published < tunables.SNAPSHOT_PERIOD:
             return
         e = self.engine
-        owned: dict[int, set] = {}
-        for r in e.requests.values():
-            if r.owner is not None:
-                owned.setdefault(r.owner.pid, set()).update(r.seq.table.blocks)
-        for c in e.contexts.values():
-            if c.owner is not None:
-                owned.setdefault(c.owner.pid, set()).update(c.seq.table.blocks)
         swap = e.swapper.host if e.swapper else None
         kv = KVInfo(**e.blocks.usage(), block_size=e.block_size,
                     swap_total=swap.num_blocks if swap else 0,
                     swap_free=swap.num_free_blocks if swap else 0)
         running = frozenset(r.owner.pid for r in e.last_batch if r.owner is not None) if busy \
             else frozenset()
-        self.snapshot = Snapshot(now, kv, running, {pid: len(b) for pid, b in owned.items()},
-                                 {**e.stats, "preemptions": e.scheduler.num_preemptions})
+        self.snapshot = Snapshot(now, kv, running,
+                                 {**e.stats, "preemptions": e.scheduler.num_preemptions,
+                                  "paged_out": e.pager.paged_out, "paged_in": e.pager.paged_in},
+                                 e.policy, **e.pager.usage())
         self._published = now
 
     # ---- commands (engine thread) -------------------------------------------------------
@@ -152,21 +154,19 @@ class EngineLoop:
             req = self.engine.add_request(c.tokens, chat=c.chat, context=c.context,
                                           on_event=partial(self._output, c), salt=c.salt,
                                           stream=c.stream, request_id=c.rid, owner=c.proc,
-                                          **c.sampling)
+                                          account=c.proc.acct, **c.sampling)
         except SyscallError as e:          # EngineError and its kinds
             self._forget(c)
             c.call.error(e.code, e.msg)
             return
-        req.stopped = c.stopped
+        req.stopped = req.stopped or c.stopped
 
     def _output(self, c: cmd.Add, out) -> None:
-        """A request's news: account it, stream it, and answer the call when it is done."""
-        p = c.proc
-        p.tokens_out += len(out.token_ids)
+        """A request's news: stream it, and answer the call when it is done (the scheduler
+        charged its tokens to the process's account)."""
         if c.stream and (out.text or out.token_ids):
             c.call.event(Delta(out.text, out.token_ids))
         if out.finished:
-            p.tokens_in += out.completion.usage.computed_tokens
             self._forget(c)
             if out.error:
                 c.call.error(out.error_code, out.error)
@@ -182,9 +182,17 @@ class EngineLoop:
         self.engine.abort(c.rid)
 
     def _pause(self, c: cmd.Pause) -> None:
-        for req in list(self.engine.requests.values()):
-            if req.owner is c.proc:
-                self.engine.set_stopped(req.id, c.stopped)
+        self.engine.pause(c.proc.acct, c.stopped)
+
+    def _set_policy(self, c: cmd.SetPolicy) -> None:
+        try:
+            self.engine.set_policy(c.name)
+        except SyscallError as e:
+            c.call.error(e.code, e.msg)
+            return
+        self._published = 0.0                      # ps and sched show it at once
+        self._publish()
+        c.call.reply(SchedInfo(self.engine.policy, list(POLICIES)))
 
     def _release(self, c: cmd.Release) -> None:
         for rid in c.rids:
@@ -196,7 +204,8 @@ class EngineLoop:
 
     def _create_context(self, c: cmd.CreateContext) -> None:
         try:
-            self.engine.context_create(c.tokens, salt=c.salt, context_id=c.context, owner=c.proc)
+            self.engine.context_create(c.tokens, salt=c.salt, context_id=c.context, owner=c.proc,
+                                       account=c.proc.acct)
         except SyscallError as e:
             self._disown(c.proc, c.context)
             c.call.error(e.code, e.msg)
@@ -205,7 +214,8 @@ class EngineLoop:
 
     def _fork_context(self, c: cmd.ForkContext) -> None:
         try:
-            self.engine.context_fork(c.source, context_id=c.context, owner=c.proc)
+            self.engine.context_fork(c.source, context_id=c.context, owner=c.proc,
+                                     account=c.proc.acct)
         except SyscallError as e:
             self._disown(c.proc, c.context)
             c.call.error(e.code, e.msg)

@@ -16,6 +16,11 @@ are free; then its waiters get its status. The parent collects (frees) it; the o
 may wait for any process and gets its status too, but collects only orphans (ppid 0),
 since the parent still gets it first when it waits.
 
+Each row carries its limits (kernel/limits.py): the table's defaults for a process with
+no parent, its parent's for a child, with what spawn asked set instead; `setrlimit`
+changes them under the lock. Lowering one is anyone's who may act on the process,
+raising one the owner's alone.
+
 Pids count up from `first_pid` and are not reused until PID_MAX wraps (as Linux does),
 so a pid names one process for a long time and its log file is never overwritten.
 Pid 0 stands for the kernel (the owner): orphans are re-parented to it. A spawned
@@ -43,9 +48,10 @@ from typing import Callable
 import psutil
 
 from llmos.syscalls.errors import (EAGAIN, ECHILD, EINVAL, EPERM, ESRCH, SyscallError)
-from llmos.syscalls.types import ProcState
+from llmos.syscalls.types import Limits, ProcState
 
-from . import subreaper, tunables
+from . import limits, subreaper, tunables
+from .account import Account
 from .birth import start
 from .reaper import Reaper
 from .signals import NOSIG, parse_signal, signal_name
@@ -74,7 +80,6 @@ class Proc:
     ppid: int = 0                      # 0: the kernel itself
     state: ProcState = ProcState.SLEEPING   # SLEEPING, STOPPED or ZOMBIE; RUNNING/READY
                                             # are the engine's to say (kernel/snapshot.py)
-    nice: int = 0
     os_pid: int | None = None          # the real OS pid (None: attached, unknown)
     exit_status: int | None = None     # -N for signal N; None while alive or if unknown
     last_seen: float = 0.0             # time.monotonic() of the last sign of life
@@ -82,10 +87,11 @@ class Proc:
     requests: dict = field(default_factory=dict)   # (peer, call id) -> request id
     contexts: set = field(default_factory=set)     # context ids
 
-    # Accounting, read without the lock (a stale int is fine). Tokens: the engine thread
-    # only; cpu_percent and rss: the sampler thread only.
-    tokens_in: int = 0
-    tokens_out: int = 0
+    # What the scheduler knows of it (kernel/account.py): nice and limits (written under
+    # the lock), service received and KV held (written by the engine thread).
+    acct: Account = field(default_factory=Account)
+
+    # Accounting, read without the lock (a stale value is fine): the sampler thread only.
     cpu_percent: float = 0.0
     rss: int | None = None
 
@@ -96,6 +102,10 @@ class Proc:
     @property
     def alive(self) -> bool:
         return self.state is not ProcState.ZOMBIE
+
+    @property
+    def nice(self) -> int:
+        return self.acct.nice
 
     @property
     def waitable(self) -> bool:
@@ -119,8 +129,10 @@ def default_max_agents() -> int:
 
 class ProcTable:
     def __init__(self, on_exit: Callable | None = None, on_signal: Callable | None = None,
-                 first_pid: int = 1, max_agents: int | None = None, user=None):
+                 first_pid: int = 1, max_agents: int | None = None, user=None,
+                 default_limits: Limits | None = None):
         self.max_agents = max_agents or default_max_agents()   # live OS processes we started
+        self.default_limits = default_limits or Limits()       # of a process with no parent
         self.user = user                               # AgentUser agents run as; None: ours
         self.on_exit = on_exit or (lambda proc, rids, cids: self.released(proc))
         self.on_signal = on_signal or (lambda proc, sig, rids: None)
@@ -136,10 +148,14 @@ class ProcTable:
     # ---- the two functions that create and free a slot -----------------------------
 
     def alloc(self, name: str, argv: list, *, parent: int = 0, nice: int = 0,
-              owner: int | None = None, attached: bool = False) -> Proc:
-        """Create a row (SLEEPING) with the next unused pid and a fresh token.
+              owner: int | None = None, attached: bool = False, asked: dict | None = None,
+              by_owner: bool = False) -> Proc:
+        """Create a row (SLEEPING) with the next unused pid and a fresh token. Its limits:
+        its parent's (without a parent: the defaults) with those `asked` set instead
+        ({name: value, None: no limit}); raising one needs `by_owner`, the owner's rights.
 
-        Raises ESRCH if parent is not a live process, EAGAIN if the table is full.
+        Raises ESRCH if parent is not a live process, EAGAIN if the table is full or the
+        parent at its children limit, EPERM for a raise not by_owner.
         """
         with self.lock:
             if self._closed:
@@ -151,12 +167,21 @@ class ProcTable:
             if not attached and self._agents() >= self.max_agents:
                 raise SyscallError(EAGAIN, f"{self.max_agents} agent processes are running, "
                                            "the most this kernel starts (llmos up --max-agents)")
+            up = self._procs[parent] if parent else None
+            if up is not None:
+                live = sum(1 for c in self._procs.values() if c.ppid == parent and c.alive)
+                limits.check(up, "children", live, f"process {parent} has {live} live children")
+            quota = limits.change(up.acct.limits if up is not None else self.default_limits,
+                                  asked or {}, by_owner, "spawn")
             pid = self._take_pid()
             now = time.monotonic()
+            program = up.acct.root if up is not None and not up.attached and not attached \
+                else None                            # the tree root's account (tree_root)
             p = Proc(pid=pid, name=name, argv=list(argv),
                      owner=os.getuid() if owner is None else owner,
                      token=secrets.token_hex(32), attached=attached, started_at=time.time(),
-                     started_mono=now, ppid=parent, nice=nice, last_seen=now)
+                     started_mono=now, ppid=parent, last_seen=now,
+                     acct=Account(pid, nice, limits=quota, program=program))
             self._procs[pid] = p
             self._by_token[p.token] = p
             return p
@@ -188,7 +213,8 @@ class ProcTable:
 
     def spawn(self, argv: list, *, name: str | None = None, nice: int = 0, parent: int = 0,
               env_extra: dict | None = None, socket_path: str = "",
-              log_dir: str | os.PathLike = ".", owner: int | None = None) -> Proc:
+              log_dir: str | os.PathLike = ".", owner: int | None = None,
+              asked: dict | None = None, by_owner: bool = False) -> Proc:
         """Start argv as a real OS process in its own session and process group, set to
         die with the kernel (kernel/subreaper.py); return its row.
 
@@ -197,13 +223,15 @@ class ProcTable:
         the secret itself, which a sibling could read in /proc/<pid>/environ); it runs as
         the table's agent user if there is one; stdin is /dev/null; stdout and stderr go to
         log_dir/<pid>.log, a new file (an older one of that pid is moved to <pid>.log.old).
-        Raises ESRCH (parent), EAGAIN (table full), EINVAL (argv or env the OS cannot
-        take), or the errno name of a failed exec (ENOENT, EACCES, ...).
+        Its limits are alloc's (asked, by_owner). Raises ESRCH (parent), EAGAIN (table
+        full, children limit), EPERM (a raise of a limit), EINVAL (argv or env the OS
+        cannot take), or the errno name of a failed exec (ENOENT, EACCES, ...).
         """
         argv = [str(a) for a in argv]
         if not argv:
             raise SyscallError(EINVAL, "argv: empty")
-        p = self.alloc(name or Path(argv[0]).name, argv, parent=parent, nice=nice, owner=owner)
+        p = self.alloc(name or Path(argv[0]).name, argv, parent=parent, nice=nice, owner=owner,
+                       asked=asked, by_owner=by_owner)
         base = self.user.environ(os.environ) if self.user else os.environ
         env = {**base, **(env_extra or {}), "LLMOS_SOCKET": str(socket_path),
                "LLMOS_PID": str(p.pid)}
@@ -277,7 +305,26 @@ class ProcTable:
             p = self.live(pid)
             if not self.may_act(caller, pid, owner):
                 raise SyscallError(EPERM, f"nice: process {pid} is not yours")
-            p.nice = value
+            p.acct.nice = value
+
+    def setrlimit(self, pid: int, wanted: dict, caller: int, owner: bool) -> Limits:
+        """Set limits of pid ({name: value, None: no limit}) for caller, who may act on pid
+        (itself, a descendant; the owner: anyone); raising one needs the owner. Returns
+        the limits now in force. Raises ESRCH, EPERM (not caller's, or a raise)."""
+        with self.lock:
+            p = self.live(pid)
+            if not self.may_act(caller, pid, owner):
+                raise SyscallError(EPERM, f"setrlimit: process {pid} is not yours")
+            p.acct.limits = limits.change(p.acct.limits, wanted, owner, "setrlimit")
+            return p.acct.limits
+
+    def getrlimit(self, pid: int, caller: int, owner: bool) -> Limits:
+        """pid's limits, for caller, who may act on it. Raises ESRCH, EPERM."""
+        with self.lock:
+            p = self.live(pid)
+            if not self.may_act(caller, pid, owner):
+                raise SyscallError(EPERM, f"getrlimit: process {pid} is not yours")
+            return p.acct.limits
 
     # ---- liveness of attached processes ------------------------------------------------
 

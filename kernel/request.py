@@ -43,6 +43,9 @@ class KVContext:
     seq: Sequence
     busy: "Request | None" = None    # at most one request runs on a context at a time
     owner: object = None             # the caller's tag (the kernel: the owning process)
+    account: object = None           # whose memory it is (kernel/account.py)
+    paged: object = None             # its KV while paged out (kernel/vm.py), else None
+    last_used: float = 0.0           # time.monotonic() of its last request (the TTL's clock)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Request:
     stream: bool = False          # decode text deltas as tokens come (else text at the end)
     id: int = field(default_factory=lambda: next(_ids))
     owner: object = None          # the caller's tag (the kernel: the owning process)
+    account: object = None        # who is charged for it and ranked (kernel/account.py)
 
     def __post_init__(self):
         self.output_start = len(self.seq.tokens)
@@ -82,7 +86,10 @@ class Request:
         self.cached_tokens = 0        # prompt tokens found in the cache when admitted
         self.started = False          # admitted once (cached_tokens is then known)
         self.stopped = False          # SIGSTOP: not scheduled until resumed
-        self.swapped: BlockTable | None = None   # host blocks holding its KV while preempted
+        self.swapped = None           # its KV while preempted or paged out: a host
+                                      # BlockTable or a DiskImage (kernel/vm.py)
+        self.arrived = 0.0            # time.monotonic() when queued (the policies' clock)
+        self.refusal: str | None = None   # why the scheduler refused it, if it did
         self.finish_reason: str | None = None
         self.stop_hit = False         # ended by a stop string: the text is already cut
         self.error: str | None = None

@@ -1,25 +1,43 @@
-"""First-come first-served scheduling of requests over the KV pool, with preemption.
+"""Scheduling requests over the KV pool, in the order a policy ranks them, with preemption.
 
-Each step gets a batch under a token budget. Every running request has some pending
-tokens (one when decoding, a chunk when prefilling or recomputing); the batch takes
-decodes first, then prefill chunks, then admits waiting requests in arrival order. A
-request that cannot get KV blocks preempts the most recently admitted request that is
-not in the batch yet: its KV is swapped out to the host pool when that has room (else
-dropped, to be recomputed, largely from the prefix cache), its device blocks are freed,
-and it goes back to the front of the queue. A stopped request (SIGSTOP) is not scheduled;
-it keeps its KV and its seat only until a waiting request needs them, then it is
-preempted the same way.
+Each step gets a batch under a token budget (`schedule`), in this order:
+  1. running requests, best rank first (kernel/policy.py): decodes (one pending token),
+     then prefill chunks, while the budget lasts; one that needs a block it cannot get
+     makes room (`_make_room`) or waits;
+  2. waiting requests, best rank first, while budget, seats and blocks last; running
+     requests that the best waiting one outranks by the policy's margin (a policy that
+     displaces) take their tokens only after this, so that it can still displace them;
+  3. if nothing could run at all, the best waiting request is refused (its KV cannot fit).
+Requests that may not run now are skipped: a stopped process's (SIGSTOP), and a process's
+that spent its tokens_per_s (its token bucket refills; `wake_in` says when).
 
-Block copies (copy-on-write, swap) are done through the engine as soon as they are
-decided, so a block is always read before it can be freed and handed to someone else.
+Room, when the pool or the seats run short, is found in this order, cheapest to others
+first: a stopped process's requests are preempted; idle contexts are paged out (kernel/
+vm.py: least recently used first, not those used within the TTL); then, for a policy that
+displaces, the worst-ranked running request that the waiting one outranks by the policy's
+margin is preempted. When nothing could run otherwise (a running request left alone that
+cannot grow, or no waiting one fits), contexts used within the TTL page out too, and so
+does the KV that waiting requests' contexts hold; what still does not fit is refused.
+A process over its kv_blocks limit makes room from its own contexts and requests only, or
+waits for its own requests to finish; a request that alone exceeds its limit is refused
+with ENOMEM.
+
+Preemption swaps the victim's KV out to the host pool when it is worth it (long enough, and
+the host pool has room), else drops it to be recomputed (largely from the prefix cache);
+its device blocks are freed and it waits again, keeping its rank. Block copies
+(copy-on-write, swap) go through the engine as soon as they are decided, so a block is
+always read before it can be freed and handed to someone else. Engine thread only.
 """
 from __future__ import annotations
 
-from collections import deque
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import tunables
+from .account import Account
 from .blocks import BlockManager
+from .policy import Fifo, Policy
 from .request import Request
 from .swap import Swapper
 
@@ -38,15 +56,27 @@ class Batch:
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  copy_blocks: Callable[[list[tuple[int, int]]], None],
-                 swapper: Swapper | None = None):
+                 swapper: Swapper | None = None, policy: Policy | None = None,
+                 pager=None, clock: Callable[[], float] = time.monotonic):
         self.blocks, self.copy_blocks, self.swapper = blocks, copy_blocks, swapper
+        self.pager = pager             # kernel/vm.py Pager, or None: contexts stay resident
+        self.policy = policy or Fifo()
+        self.clock = clock
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []   # in admission order: the tail is preempted first
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.active: dict[Account, int] = {}   # accounts with live requests: how many
         self.num_preemptions = 0
+        self._last = clock()
 
+    # ---- the queue ------------------------------------------------------------------
     def add(self, req: Request) -> None:
+        req.arrived = self.clock()
+        acct = req.account
+        if acct not in self.active:
+            self.policy.backlogged(acct, self.active)
+        self.active[acct] = self.active.get(acct, 0) + 1
         self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
@@ -54,51 +84,221 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        else:
+            return
+        left = self.active[req.account] - 1
+        if left:
+            self.active[req.account] = left
+        else:
+            del self.active[req.account]
+
+    def may_run(self, req: Request, now: float) -> bool:
+        return not req.stopped and req.account.may_generate(now)
 
     def has_work(self) -> bool:
-        return any(not r.stopped for r in self.running) or any(not r.stopped for r in self.waiting)
+        """Whether a step now would have something to run (stopped and throttled work
+        does not count: the engine must not spin on it)."""
+        now = self.clock()
+        return any(self.may_run(r, now) for r in self.running) or \
+            any(self.may_run(r, now) for r in self.waiting)
+
+    def wake_in(self) -> float | None:
+        """Seconds until throttled work may run (None: there is none)."""
+        waits = [r.account.refill_in() for r in self.running + self.waiting
+                 if not r.stopped and r.account.limits.tokens_per_s is not None]
+        waits = [w for w in waits if w > 0]
+        return min(waits) if waits else None
+
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        for acct in list(self.active):
+            policy.backlogged(acct, self.active)
+
+    # ---- one step -------------------------------------------------------------------
+    def _key(self, now: float):
+        rank = self.policy.rank
+        return lambda r: (rank(r, now), r.arrived, r.id)
 
     def schedule(self) -> Batch:
-        """Steps, in order:
-        1. running requests with one pending token (decode), in admission order;
-        2. running requests with more (prefill chunks), while the budget lasts;
-        3. waiting requests in arrival order, while budget, seats and blocks last
-           (stopped requests give theirs up);
-        4. if nothing could run at all, the head of the queue is refused (its KV cannot fit).
-        """
-        batch = Batch()
-        budget = self.max_num_batched_tokens
-        runnable = [r for r in self.running if not r.stopped]
-        decodes = [r for r in runnable if r.seq.num_pending == 1]
-        for req in decodes + [r for r in runnable if r.seq.num_pending > 1]:
+        """The next step's batch (see the module docstring)."""
+        batch, now = Batch(), self.clock()
+        key = self._key(now)
+        self.running.sort(key=key)
+        runnable = [r for r in self.running if self.may_run(r, now)]
+        # Only a request not yet in the batch can be displaced: one that the best waiting
+        # request outranks by the margin runs after admission, not before (else every
+        # runnable one is in the batch by then, and displacement never happens).
+        exposed = self._exposed(runnable, now)
+        budget = self._run([r for r in runnable if id(r) not in exposed], batch,
+                           self.max_num_batched_tokens)
+        budget = self._admit(batch, budget, now, key)
+        self._run([r for r in runnable if id(r) in exposed], batch, budget)
+        if not batch.items and not any(self.may_run(r, now) for r in self.running):
+            self._refuse_head(batch, now, key)
+        self._account(batch, now)
+        return batch
+
+    def _run(self, reqs: list[Request], batch: Batch, budget: int) -> int:
+        """Running reqs take their pending tokens, decodes first, while the budget lasts
+        (one that cannot get a block makes room or waits); returns the budget left."""
+        for req in [r for r in reqs if r.seq.num_pending == 1] + \
+                [r for r in reqs if r.seq.num_pending > 1]:
             if budget == 0 or id(req) in batch.preempted:
                 continue
             n = min(req.seq.num_pending, budget)
             if self._make_room(req, n, batch):
                 self._append(req, n, batch)
                 budget -= n
-        self._admit(batch, budget)
-        if not batch.items and not self.running:
-            head = next((r for r in self.waiting if not r.stopped), None)
-            if head is not None:
-                self.waiting.remove(head)
-                batch.refused.append(head)
-        return batch
+        return budget
+
+    def _exposed(self, runnable: list[Request], now: float) -> set[int]:
+        """Ids of the running requests that the best runnable waiting one outranks by more
+        than the margin, for a policy that displaces (none otherwise)."""
+        if not self.policy.displaces:
+            return set()
+        rank = self.policy.rank
+        best = min((rank(r, now) for r in self.waiting if self.may_run(r, now)), default=None)
+        if best is None:
+            return set()
+        return {id(r) for r in runnable if rank(r, now) > best + self.policy.margin}
+
+    def _refuse_head(self, batch: Batch, now: float, key) -> None:
+        """Nothing could run: page out even recently used contexts, then retry; then let
+        the other waiting requests' context KV go, then retry once more; if still nothing
+        fits, the best waiting request can never get its KV."""
+        head = min((r for r in self.waiting if self.may_run(r, now)), key=key, default=None)
+        if head is None:
+            return
+        # Nothing is in the batch: a request preempted in this step (for a request that was
+        # then refused) may run after all; skipped, it was refused in its turn.
+        batch.preempted.clear()
+        if self._retry(batch, now, key):
+            return
+        # A waiting request on a context holds the context's KV on the device until it is
+        # admitted, and the pager cannot take it (the context is busy): waiting requests
+        # that each need one more block could hold the whole pool, and one was refused.
+        if self._evict_waiting(head) and self._retry(batch, now, key):
+            return
+        self.waiting.remove(head)
+        batch.refused.append(head)
+
+    def _retry(self, batch: Batch, now: float, key) -> bool:
+        """Admit again, paging out contexts within the TTL too; whether any request was
+        admitted or refused."""
+        before = len(batch.items) + len(batch.refused)
+        self._admit(batch, self.max_num_batched_tokens, now, key, force=True)
+        return len(batch.items) + len(batch.refused) > before
+
+    def _evict_waiting(self, keep: Request, account: Account | None = None) -> bool:
+        """Swap out or drop the device KV of waiting requests other than keep (of account
+        only, if given); whether any had some."""
+        holders = [r for r in self.waiting if r is not keep and r.seq.table.blocks
+                   and (account is None or r.account is account)]
+        for req in holders:
+            self._evict(req)
+        return bool(holders)
+
+    def _account(self, batch: Batch, now: float) -> None:
+        """Time queued and running, per process, since the last step."""
+        dt, self._last = now - self._last, now
+        served = {r.account for r, _ in batch.items}
+        for acct in self.active:
+            if acct in served:
+                acct.running_s += dt
+            else:
+                acct.queued_s += dt
+
+    def charge(self, req: Request, prompt: int, generated: int) -> None:
+        """After the forward: req received prompt + generated tokens of service."""
+        acct = req.account
+        acct.charge(prompt, generated)
+        acct.spend(generated)
+        self.policy.charged(acct, prompt, generated)
+
+    # ---- room -----------------------------------------------------------------------
+    def _over_limit(self, req: Request, blocks: int) -> bool:
+        limit = req.account.limits.kv_blocks
+        return limit is not None and req.account.resident + blocks > limit
 
     def _make_room(self, req: Request, n: int, batch: Batch) -> bool:
-        """Preempt unscheduled requests from the tail until `req` can take n slots."""
-        if self.blocks.can_append(req.seq.table, n):
+        """Let running `req` take n more slots: preempt (stopped first, then the worst
+        ranked) unscheduled requests until it can; within its own account when it is over
+        its kv_blocks limit. False when not: req waits, or when it is alone (`_alone`),
+        is refused."""
+        table = req.seq.table
+        grow = self.blocks.blocks_needed(table, n)
+        if not self._fits_limit(req, grow) and not self._yield_own(req, grow, batch):
+            return False
+        if self.blocks.can_append(table, n):
+            return True
+        if self.pager is not None and self.pager.reclaim(lambda: self.blocks.can_append(table, n)):
             return True
         scheduled = {id(r) for r, _ in batch.items}
-        while not self.blocks.can_append(req.seq.table, n):
-            victim = next((r for r in reversed(self.running)
-                           if r is not req and id(r) not in scheduled), None)
+        while not self.blocks.can_append(table, n):
+            victim = self._victim(lambda r: r is not req and id(r) not in scheduled)
             if victim is None:
-                if not batch.items:
-                    self.preempt(req, batch)
+                return not batch.items and self._alone(req, n, batch)
+            self.preempt(victim, batch)
+        return True
+
+    def _alone(self, req: Request, n: int, batch: Batch) -> bool:
+        """Running req cannot grow, and nothing else runs or could be preempted: idle
+        contexts page out even within the TTL, and waiting requests' context KV goes.
+        If that is not enough, what holds the rest may never be taken (contexts, without
+        a pager): req is refused. (It preempted itself instead, and another took its
+        place: two requests that could not both fit beside a context pinned by the TTL
+        took turns, each a chunk at a time, and neither ever finished.)"""
+        enough = lambda: self.blocks.can_append(req.seq.table, n)     # noqa: E731
+        if self.pager is not None and self.pager.reclaim(enough, force=True):
+            return True
+        if self._evict_waiting(req) and enough():
+            return True
+        self._evict(req)            # what it held may go to others in this same step
+        self.running.remove(req)
+        batch.refused.append(req)
+        req.refusal = (f"out of KV memory: {len(req.seq.tokens)} tokens do not fit in the "
+                       f"{self.blocks.num_free_blocks} blocks that idle contexts leave")
+        return False
+
+    def _fits_limit(self, req: Request, grow: int) -> bool:
+        """Whether req may take `grow` more blocks under its account's kv_blocks limit, once
+        the account's idle contexts are paged out and, when none of its other requests
+        runs, its waiting requests' context KV is gone too (no pager may take that: the
+        contexts are busy; kept, it had req refused as if it alone needed more)."""
+        if not self._over_limit(req, grow):
+            return True
+        if self.pager is not None:
+            self.pager.reclaim(lambda: not self._over_limit(req, grow), account=req.account)
+        if self._over_limit(req, grow) and not any(
+                r.account is req.account and r is not req for r in self.running):
+            self._evict_waiting(req, req.account)
+        return not self._over_limit(req, grow)
+
+    def _yield_own(self, req: Request, grow: int, batch: Batch) -> bool:
+        """req's account is over its kv_blocks limit: its other unscheduled requests yield.
+        False when that is not enough: req itself waits (or, alone, fails)."""
+        scheduled = {id(r) for r, _ in batch.items}
+        while self._over_limit(req, grow):
+            victim = self._victim(lambda r: r is not req and r.account is req.account
+                                  and id(r) not in scheduled)
+            if victim is None:
+                if any(r.account is req.account and r is not req for r in self.running):
+                    self.preempt(req, batch)          # its own others will finish first
+                else:
+                    self.running.remove(req)
+                    batch.refused.append(req)
+                    req.refusal = (f"kv_blocks limit ({req.account.limits.kv_blocks}) "
+                                   f"reached: this request alone needs more")
                 return False
             self.preempt(victim, batch)
         return True
+
+    def _victim(self, eligible: Callable[[Request], bool]) -> Request | None:
+        """The running request to preempt: a stopped one first, else the worst ranked."""
+        stopped = [r for r in self.running if r.stopped and eligible(r)]
+        if stopped:
+            return stopped[-1]
+        return next((r for r in reversed(self.running) if eligible(r)), None)
 
     def _append(self, req: Request, n: int, batch: Batch) -> None:
         copies = self.blocks.append_slots(req.seq.table, n)
@@ -107,20 +307,26 @@ class Scheduler:
         batch.items.append((req, n))
 
     def preempt(self, req: Request, batch: Batch) -> None:
-        """Swap the request's KV out if the host pool has room, else drop it; requeue first."""
+        """Swap the request's KV out when it is worth it, else drop it; it waits again."""
         batch.preempted.add(id(req))
         self.running.remove(req)
-        table = req.seq.table
-        if self.swapper is not None and table.num_tokens and self.swapper.can_swap_out(table):
-            req.swapped = self.swapper.swap_out(table)
-        self.blocks.free(table)
-        self.waiting.appendleft(req)
+        self._evict(req)
+        self.waiting.append(req)
+        req.account.preemptions += 1
         self.num_preemptions += 1
 
+    def _evict(self, req: Request) -> None:
+        """Free req's device KV: swapped out when it is worth it, else dropped."""
+        table = req.seq.table
+        if self.swapper is not None and table.num_tokens >= tunables.SWAP_MIN_TOKENS \
+                and self.swapper.can_swap_out(table):
+            req.swapped = self.swapper.swap_out(table)
+            req.account.swaps += len(req.swapped.blocks)
+        self.blocks.free(table)
+
     def _evict_stopped(self, batch: Batch, enough: Callable[[], bool]) -> bool:
-        """Preempt stopped running requests, the latest first, until enough(): a stopped
-        process keeps its KV and its seat only while nobody waiting needs them (else it
-        held up every admission until SIGCONT, and the engine spun on empty steps)."""
+        """Preempt stopped running requests until enough(): a stopped process keeps its
+        KV and its seat only while nobody waiting needs them."""
         while not enough():
             victim = next((r for r in reversed(self.running) if r.stopped), None)
             if victim is None:
@@ -128,29 +334,91 @@ class Scheduler:
             self.preempt(victim, batch)
         return True
 
-    def _admit(self, batch: Batch, budget: int) -> None:
+    def _displace(self, req: Request, batch: Batch, now: float,
+                  enough: Callable[[], bool]) -> bool:
+        """For a policy that displaces: preempt running requests that waiting `req`
+        outranks by the policy's margin, worst first, until enough()."""
+        if not self.policy.displaces:
+            return enough()
+        rank, margin = self.policy.rank, self.policy.margin
+        mine = rank(req, now)
+        scheduled = {id(r) for r, _ in batch.items}
+        while not enough():
+            victim = self._victim(lambda r: id(r) not in scheduled
+                                  and rank(r, now) > mine + margin)
+            if victim is None:
+                return False
+            self.preempt(victim, batch)
+        return True
+
+    def _room(self, req: Request, batch: Batch, now: float, enough: Callable[[], bool],
+              force: bool = False) -> bool:
+        """Stopped requests, idle contexts (by the TTL, unless force), then displaced ones,
+        until enough()."""
+        if self._evict_stopped(batch, enough):
+            return True
+        if self.pager is not None and self.pager.reclaim(enough, force=force):
+            return True
+        return self._displace(req, batch, now, enough)
+
+    # ---- admission ------------------------------------------------------------------
+    def _admit(self, batch: Batch, budget: int, now: float, key, force: bool = False) -> int:
+        """Admit waiting requests best first (force: page out recently used contexts too);
+        returns the budget left."""
+        self.waiting.sort(key=key)
         for req in list(self.waiting):
-            if req.stopped:
+            if budget == 0:
+                break
+            if not self.may_run(req, now) or id(req) in batch.preempted:
                 continue
-            if budget == 0 or not self._evict_stopped(
-                    batch, lambda: len(self.running) < self.max_num_seqs):
-                return
-            table = req.seq.table
-            restore = req.swapped.num_tokens if req.swapped is not None else 0
-            fresh = table.num_tokens == 0 and not restore
+            if not self._room(req, batch, now, lambda: len(self.running) < self.max_num_seqs):
+                break
+            admitted = self._admit_one(req, batch, budget, now, force)
+            if admitted is None:
+                break                    # the pool is short: later ones rank worse
+            budget -= admitted
+        return budget
+
+    def _admit_one(self, req: Request, batch: Batch, budget: int, now: float,
+                   force: bool = False) -> int | None:
+        """Give waiting req its KV (a prefix hit, its swapped blocks, fresh ones) and a
+        first chunk; the tokens it takes, 0 when its own limit holds it back, None when
+        the pool is short."""
+        table = req.seq.table
+        restore = req.swapped.num_tokens if req.swapped is not None else 0
+        fresh = table.num_tokens == 0 and not restore
+        if fresh:
+            self.blocks.match_prefix(table, req.seq.tokens)
+        # At least one token runs, for the logits: KV restored up to the last token
+        # is cut back by one (a context paged out after its last reply).
+        n = max(1, min(len(req.seq.tokens) - max(restore, table.num_tokens), budget))
+        grow = self.blocks.blocks_needed(table, restore + n)
+        if not self._fits_limit(req, grow):
             if fresh:
-                self.blocks.match_prefix(table, req.seq.tokens)
-            n = min(len(req.seq.tokens) - max(restore, table.num_tokens), budget)
-            if not self._evict_stopped(batch, lambda: self.blocks.can_append(table, restore + n)):
-                if fresh:
-                    self.blocks.free(table)   # give back the prefix hits; they stay cached
-                return
-            if restore:
+                self.blocks.free(table)
+            if not any(r.account is req.account for r in self.running):
+                self.waiting.remove(req)
+                batch.refused.append(req)
+                req.refusal = (f"kv_blocks limit ({req.account.limits.kv_blocks}) reached: "
+                               f"the process holds {req.account.resident} blocks in "
+                               f"contexts that cannot be paged out, and this needs {grow}")
+            return 0
+        if not self._room(req, batch, now, lambda: self.blocks.can_append(table, restore + n),
+                          force):
+            if fresh:
+                self.blocks.free(table)   # give back the prefix hits; they stay cached
+            return None
+        if restore:
+            if self.pager is not None:
+                self.pager.restore(req.swapped, table)
+            else:
                 self.swapper.swap_in(req.swapped, table, self.blocks)
-                req.swapped = None
-            if not req.started:
-                req.started, req.cached_tokens = True, table.num_tokens
-            self.waiting.remove(req)
-            self.running.append(req)
-            self._append(req, n, batch)
-            budget -= n
+            req.swapped = None
+            if table.num_tokens + n > len(req.seq.tokens):
+                self.blocks.truncate(table, len(req.seq.tokens) - n)
+        if not req.started:
+            req.started, req.cached_tokens = True, table.num_tokens
+        self.waiting.remove(req)
+        self.running.append(req)
+        self._append(req, n, batch)
+        return n

@@ -22,7 +22,7 @@ class Swapper:
     def swap_out(self, table: BlockTable) -> BlockTable:
         """Copy the table's KV to fresh host blocks; return the host table. The caller then
         frees the device table."""
-        host = self.host.new_table()
+        host = self.host.new_table(account=table.account)
         self.host.append_slots(host, table.num_tokens)
         self.driver.swap_out(self.caches, self.host_caches, table.blocks, host.blocks)
         self.swapped_out += len(host.blocks)

@@ -18,7 +18,8 @@ import time
 from typing import Any, Callable, NamedTuple
 
 from llmos.syscalls import wire
-from llmos.syscalls.errors import EACCES, EAGAIN, ECANCELED, EIO, ENOSYS, EPERM, SyscallError
+from llmos.syscalls.errors import (EACCES, EAGAIN, ECANCELED, EIO, ENOMEM, ENOSYS, EPERM,
+                                   SyscallError)
 from llmos.syscalls.numbers import Sys, sys_name
 from llmos.syscalls.specs import SPECS
 from llmos.syscalls.types import to_wire
@@ -29,7 +30,9 @@ PENDING = type("Pending", (), {"__repr__": lambda self: "PENDING"})()
 """Returned by a handler that will finish its call later, from another thread."""
 
 OPEN_BEFORE_HELLO = frozenset({Sys.PING, Sys.HELLO})
-DENIALS = frozenset({EPERM, EACCES, EAGAIN})     # error replies the audit log records
+# Error replies the audit log records. ENOMEM counts: on the I/O thread it is only ever a
+# process's limit (the engine's own ENOMEM answers its calls from the engine thread).
+DENIALS = frozenset({EPERM, EACCES, EAGAIN, ENOMEM})
 
 
 class ConnState:
@@ -245,8 +248,8 @@ def install(table: SyscallTable, kernel) -> None:
     from .sysinfo import sys_meminfo, sys_models, sys_sysinfo
     from .sysllm import (sys_cancel, sys_context_create, sys_context_fork, sys_context_free,
                          sys_context_info, sys_detokenize, sys_generate, sys_tokenize)
-    from .sysproc import (sys_exit, sys_getpid, sys_hello, sys_kill, sys_nice, sys_ps,
-                          sys_spawn, sys_wait)
+    from .sysproc import (sys_exit, sys_getpid, sys_getrlimit, sys_hello, sys_kill, sys_nice,
+                          sys_ps, sys_sched, sys_setrlimit, sys_spawn, sys_wait)
     functions = {
         Sys.HELLO: sys_hello, Sys.SYSINFO: sys_sysinfo, Sys.SPAWN: sys_spawn,
         Sys.EXIT: sys_exit, Sys.WAIT: sys_wait, Sys.KILL: sys_kill, Sys.PS: sys_ps,
@@ -255,6 +258,7 @@ def install(table: SyscallTable, kernel) -> None:
         Sys.CONTEXT_FORK: sys_context_fork, Sys.CONTEXT_FREE: sys_context_free,
         Sys.CONTEXT_INFO: sys_context_info, Sys.TOKENIZE: sys_tokenize,
         Sys.DETOKENIZE: sys_detokenize, Sys.MEMINFO: sys_meminfo, Sys.MODELS: sys_models,
+        Sys.SCHED: sys_sched, Sys.SETRLIMIT: sys_setrlimit, Sys.GETRLIMIT: sys_getrlimit,
     }
     for nr, fn in functions.items():
         table.register(nr, partial(fn, kernel))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from importlib import metadata
 
-from llmos.syscalls.types import MemInfo, ModelInfo, SysInfo
+from llmos.syscalls.types import MemInfo, ModelInfo, ProcMem, SysInfo
 
 from .load import resolve_model
 
@@ -26,13 +26,16 @@ def sys_sysinfo(k, call, a):
                    generated_tokens=stats.get("generated_tokens", 0),
                    preemptions=stats.get("preemptions", 0),
                    agent_user=user.name if user else None, isolation="uid" if user else "none",
-                   max_agents=k.procs.max_agents)
+                   max_agents=k.procs.max_agents, policy=k.loop.snapshot.policy)
 
 
 def sys_meminfo(k, call, a):
+    """The pool as last published, and where the KV of each visible process that holds
+    some is (its account, kept by the engine thread)."""
     snap = k.loop.snapshot
-    seen = {p.pid for p in k.visible(call.conn.pid, call.conn.owner)}
-    return MemInfo(kv=snap.kv, procs={pid: n for pid, n in snap.blocks.items() if pid in seen})
+    procs = {p.pid: ProcMem(p.acct.kv["device"], p.acct.kv["host"], p.acct.kv["disk"])
+             for p in k.visible(call.conn.pid, call.conn.owner) if any(p.acct.kv.values())}
+    return MemInfo(kv=snap.kv, procs=procs, disk_total=snap.disk_total, disk_used=snap.disk_used)
 
 
 def sys_models(k, call, a):

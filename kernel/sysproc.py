@@ -6,6 +6,9 @@ holds the owner's rights. The rules live in kernel/kernel.py and kernel/proc.py.
 """
 from __future__ import annotations
 
+from llmos.syscalls.specs import LIMITS
+
+from .limits import asked
 from .syscall import PENDING
 
 
@@ -15,7 +18,7 @@ def sys_hello(k, call, a):
 
 def sys_spawn(k, call, a):
     return {"pid": k.spawn(call.conn.pid, a["argv"], a["name"], a["nice"], a["env"],
-                           uid=call.conn.uid)}
+                           uid=call.conn.uid, asked=asked(a["limits"]), owner=call.conn.owner)}
 
 
 def sys_exit(k, call, a):
@@ -46,3 +49,21 @@ def sys_nice(k, call, a):
 
 def sys_ps(k, call, a):
     return {"procs": k.ps(call.conn.pid, call.conn.owner)}
+
+
+def sys_sched(k, call, a):
+    if a["policy"] is None:
+        return k.sched_info()
+    k.set_policy(call, call.conn.owner, a["policy"])
+    return PENDING
+
+
+def sys_setrlimit(k, call, a):
+    target = call.conn.pid if a["pid"] is None else a["pid"]
+    return k.setrlimit(call.conn.pid, call.conn.owner, target,
+                       asked({n: a[n] for n in LIMITS}), uid=call.conn.uid)
+
+
+def sys_getrlimit(k, call, a):
+    target = call.conn.pid if a["pid"] is None else a["pid"]
+    return k.procs.getrlimit(target, call.conn.pid, call.conn.owner)

@@ -26,3 +26,23 @@ AGENT_MEMORY = 64 << 20          # bytes an agent is assumed to take (a Python S
                                  # RSS, more once it works): default live agents = memory / this
 MIN_AGENTS, MAX_AGENTS = 16, 1024  # ...within these bounds; llmos up --max-agents overrides
 SHARE_GROUPS_KEPT = 64           # share groups remembered per process, so each is audited once
+
+# ---- scheduling (kernel/policy.py) and KV virtual memory (kernel/vm.py) ----
+DEFAULT_POLICY = "las"           # llmos up --sched; the policy the benchmarks favoured (README)
+AGING_S = 2.0                    # s of waiting that lifts a request one level (priority: one
+                                 # nice step; las: one service level), so none waits unboundedly
+FAIR_PROMPT_WEIGHT = 1.0         # fair (VTC): a prompt token's cost in the virtual counter...
+FAIR_OUTPUT_WEIGHT = 2.0         # ...and a generated one's (VTC's w_p, w_q: decode costs more)
+FAIR_MARGIN = 256.0              # weighted tokens a waiting process must be behind a running
+                                 # one before it displaces it: hysteresis against thrashing
+LAS_QUANTUM = 256                # tokens of program service in las's first level; each next
+                                 # level holds twice as many (as Autellix's PLAS queues)
+KV_TTL = 3.0                     # s a context stays resident after its last use (an agent
+                                 # between two turns, waiting on a tool), as Continuum's TTL
+SWAP_MIN_TOKENS = 16             # a preempted request shorter than this (one block) is
+                                 # recomputed, not swapped: a few tokens cost less to compute
+                                 # than a block does to copy out and back
+KV_DEFAULT_SHARE = 0.75          # default kv_blocks limit of a process: this share of the pool
+DEFAULT_CALLS = 512              # default limits of a process (llmos up --limit overrides)
+DEFAULT_CONTEXTS = 256
+DEFAULT_CHILDREN = 64

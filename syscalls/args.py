@@ -1,8 +1,8 @@
 """Argument specs: a tiny declarative language for what a syscall accepts.
 
-A Spec maps argument names to types (Int, Float, Str, Bool, Bytes, List, Dict, Messages,
-Signal). `Spec.validate(args)` returns a new dict with every declared argument present
-(an absent optional one gets its default, or None) or raises SyscallError:
+A Spec maps argument names to types (Int, Float, Str, Bool, Bytes, List, Dict, Fields,
+Limit, Messages, Signal). `Spec.validate(args)` returns a new dict with every declared
+argument present (an absent optional one gets its default, or None) or raises SyscallError:
 unknown or missing argument, wrong type or out of range -> EINVAL, too long -> E2BIG;
 the message always names the argument ("argv[2]", "messages[0].role"). A value of None
 for an optional argument means absent. `describe()` gives the spec as plain data.
@@ -15,6 +15,7 @@ import signal as _signal
 from .errors import E2BIG, EINVAL, SyscallError
 
 _MISSING = object()
+UNLIMITED = "unlimited"      # the wire's value of a Limit that lifts it (a reply says None)
 
 
 def _bad(name, msg, code=EINVAL):
@@ -189,6 +190,48 @@ class Dict(Arg):
 
     def _limits(self):
         return {"of": self.of.describe(), "max_len": self.max_len}
+
+
+class Fields(Arg):
+    """A map of some of the named `fields`, each its own Arg: an unknown key is EINVAL
+    naming it ("limits.calls"), a None value is absent. Returns the fields given, checked."""
+    kind = "fields"
+
+    def __init__(self, fields: dict, **kw):
+        super().__init__(**kw)
+        self.fields = fields
+
+    def check(self, name, value):
+        self._expect(name, value, (dict,), "map")
+        out = {}
+        for key, v in value.items():
+            if key not in self.fields:
+                _bad(f"{name}.{key}", f"unknown field (one of {', '.join(self.fields)})")
+            if v is not None:
+                out[key] = self.fields[key].check(f"{name}.{key}", v)
+        return out
+
+    def _limits(self):
+        return {"fields": {n: a.describe() for n, a in self.fields.items()}}
+
+
+class Limit(Arg):
+    """A limit: a number that `of` (an Int or a Float) takes, or UNLIMITED (returned as is)."""
+    kind = "limit"
+
+    def __init__(self, of: Arg, **kw):
+        super().__init__(**kw)
+        self.of = of
+
+    def check(self, name, value):
+        if isinstance(value, str):
+            if value == UNLIMITED:
+                return value
+            _bad(name, f"expected a number or {UNLIMITED!r}, got {value[:40]!r}")
+        return self.of.check(name, value)
+
+    def _limits(self):
+        return {"of": self.of.describe(), "unlimited": UNLIMITED}
 
 
 class Messages(Arg):

@@ -16,6 +16,7 @@ Layout (HOME is --home, else $LLMOS_HOME, else ~/.llmos):
     HOME/log/kernel.out   stdout and stderr of a kernel started with `llmos up -d`
     HOME/log/<pid>.log    stdout and stderr of spawned process <pid> (never overwritten)
     HOME/keys/            0700: CURVE keys for a kernel listening on TCP (syscalls/keys.py)
+    HOME/kv/              0700: the KV pages the kernel moves to disk (llmos up --kv-disk)
 
 The lock, not the file, says whether a kernel runs: a pid file left by a dead kernel is
 unlocked and is taken over.
@@ -62,6 +63,7 @@ class Home:
         self.audit_log = self.log_dir / "audit.log"
         self.kernel_out = self.log_dir / "kernel.out"
         self.keys_dir = self.path / "keys"
+        self.kv_dir = self.path / "kv"
 
     def __repr__(self):
         return f"Home({str(self.path)!r})"

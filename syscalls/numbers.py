@@ -29,6 +29,9 @@ class Sys(IntEnum):
     DETOKENIZE = 18
     MEMINFO = 19
     MODELS = 20
+    SCHED = 21
+    SETRLIMIT = 22
+    GETRLIMIT = 23
 
 
 def sys_name(nr: int) -> str:

@@ -4,7 +4,9 @@ Limits live here, each with why; they bound what one message can make the kernel
 """
 from __future__ import annotations
 
-from .args import Bool, Dict, Float, Int, List, Messages, Signal, Spec, Str
+from .args import (UNLIMITED, Bool, Dict, Fields, Float, Int, Limit, List, Messages, Signal,
+                   Spec, Str)
+from .errors import EINVAL, SyscallError
 from .numbers import Sys
 
 MAX_TEXT = 4 << 20           # characters in a prompt or text to tokenize: ~1M tokens
@@ -20,6 +22,11 @@ _token_ids = List(Int(min=0, max=(1 << 31) - 1), max_len=MAX_TOKENS_IN)
 # A prefix-cache share group: processes of one user that name it share cached prefixes
 # (by default only a process tree does). A short name, not a secret.
 _share = Str(64, min_len=1)
+# Per-process limits (types.Limits, same names): a number, or "unlimited" to lift one.
+# tokens_per_s is a rate above 0: at 0 a request would wait forever for its first token.
+_count = Limit(Int(min=0, max=(1 << 31) - 1))
+LIMITS = {"calls": _count, "kv_blocks": _count, "contexts": _count, "children": _count,
+          "tokens_per_s": Limit(Float(min=0, max=1e9, min_open=True))}
 
 SPECS: dict[Sys, Spec] = {
     Sys.PING: Spec(),
@@ -28,7 +35,7 @@ SPECS: dict[Sys, Spec] = {
     Sys.SYSINFO: Spec(),
     Sys.SPAWN: Spec(argv=List(Str(4096), max_len=MAX_ARGV, min_len=1, required=True),
                     name=Str(64), nice=Int(**_nice),
-                    env=Dict(Str(32 << 10), max_len=256)),
+                    env=Dict(Str(32 << 10), max_len=256), limits=Fields(LIMITS)),
     Sys.EXIT: Spec(status=Int(min=-(1 << 31), max=(1 << 31) - 1, required=True)),
     Sys.WAIT: Spec(pid=Int(**_pid, required=True), timeout=Float(min=0, max=1e9)),
     Sys.KILL: Spec(pid=Int(**_pid, required=True), sig=Signal(default="TERM")),
@@ -58,4 +65,24 @@ SPECS: dict[Sys, Spec] = {
                          model=Str(256)),
     Sys.MEMINFO: Spec(),
     Sys.MODELS: Spec(),
+    Sys.SCHED: Spec(policy=Str(32, min_len=1)),
+    Sys.SETRLIMIT: Spec(pid=Int(**_pid), **LIMITS),
+    Sys.GETRLIMIT: Spec(pid=Int(**_pid)),
 }
+
+
+def parse_limit(text: str) -> tuple[str, int | float | str]:
+    """'NAME=VALUE' (`llmos up --limit`, `llmos run --limit`, `llmos limit`) as the wire's
+    (name, value): an int (tokens_per_s: a number) or UNLIMITED. Raises SyscallError
+    (EINVAL) saying what is wrong."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in LIMITS:
+        raise SyscallError(EINVAL, f"{text!r}: expected NAME=VALUE with NAME one of "
+                                   f"{', '.join(LIMITS)}")
+    if value != UNLIMITED:
+        try:
+            value = int(value) if isinstance(LIMITS[name].of, Int) else float(value)
+        except ValueError:
+            raise SyscallError(EINVAL, f"{name}: {value!r} is neither a number nor "
+                                       f"{UNLIMITED!r}") from None
+    return name, LIMITS[name].check(name, value)

@@ -144,7 +144,42 @@ class ProcInfo(Record):
     age: float = 0.0              # seconds since it started
     os_pid: int | None = None     # None for an attached program
     exit_status: int | None = None
+    # Scheduling accounting (kernel/account.py), what the policies rank by:
+    service: int = 0              # tokens the engine computed for it (prompt + generated)
+    queued_s: float = 0.0         # seconds it had LLM work waiting and none running
+    running_s: float = 0.0        # seconds it had tokens in the engine's batches
+    preemptions: int = 0          # times one of its requests was preempted
+    swaps: int = 0                # KV blocks of it moved out to host swap or disk
+    kv_swapped: int = 0           # KV blocks of it in host swap now
+    kv_disk: int = 0              # KV blocks of it on disk now
     _nested: ClassVar[dict] = {"state": ProcState}
+
+
+@dataclass(frozen=True)
+class Limits(Record):
+    """Per-process limits, as rlimits: inherited by children, lowered by the process or an
+    ancestor, raised only by the owner. None: no limit. Over one, a call fails with EAGAIN
+    (calls, children) or ENOMEM (kv_blocks, contexts) naming it; tokens_per_s throttles.
+    KILL, CANCEL and EXIT are never refused by a limit. On the wire (setrlimit, spawn's
+    `limits`) a limit is lifted with the word "unlimited" (syscalls/args.py UNLIMITED): there
+    an absent or null one is left as it is."""
+    calls: int | None = None          # LLM calls in flight (generate)
+    kv_blocks: int | None = None      # device KV blocks its requests and contexts hold
+    contexts: int | None = None       # contexts open at once
+    children: int | None = None       # live child processes
+    tokens_per_s: float | None = None  # generated tokens per second (a token bucket)
+
+    NAMES: ClassVar[tuple] = ("calls", "kv_blocks", "contexts", "children", "tokens_per_s")
+
+    def lower(self, other: "Limits") -> "Limits":
+        """The tighter of self and other, limit by limit (None is no limit)."""
+        pick = lambda a, b: b if a is None else a if b is None else min(a, b)   # noqa: E731
+        return Limits(**{n: pick(getattr(self, n), getattr(other, n)) for n in self.NAMES})
+
+    def raises(self, other: "Limits") -> list[str]:
+        """The names of the limits that `other` sets higher than self (or lifts)."""
+        return [n for n in self.NAMES if getattr(self, n) is not None
+                and (getattr(other, n) is None or getattr(other, n) > getattr(self, n))]
 
 
 # ---- the system ---------------------------------------------------------------------------
@@ -154,7 +189,8 @@ class KVInfo(Record):
     """The KV pool in blocks of `block_size` tokens."""
     total: int = 0
     used: int = 0                 # referenced by a request or context
-    cached: int = 0               # unreferenced but holding a cached prefix (takeable)
+    cached: int = 0               # holding a cached prefix, referenced or not (unreferenced
+                                  # ones are counted in free too: takeable)
     free: int = 0                 # takeable now (cached included)
     block_size: int = 0
     swap_total: int = 0           # host swap pool
@@ -162,10 +198,27 @@ class KVInfo(Record):
 
 
 @dataclass(frozen=True)
+class ProcMem(Record):
+    """One process's KV, in blocks: where its contexts' and requests' KV is now."""
+    resident: int = 0             # in the device pool
+    swapped: int = 0              # paged out to the host swap pool
+    disk: int = 0                 # paged out to files under the home (--kv-disk)
+
+
+@dataclass(frozen=True)
 class MemInfo(Record):
     kv: KVInfo = field(default_factory=KVInfo)
-    procs: dict = field(default_factory=dict)     # pid -> KV blocks it holds
-    _nested: ClassVar[dict] = {"kv": KVInfo, "procs": dict}
+    procs: dict = field(default_factory=dict)     # pid -> ProcMem
+    disk_total: int = 0           # KV blocks the disk tier may hold (0: no disk tier)
+    disk_used: int = 0
+    _nested: ClassVar[dict] = {"kv": KVInfo, "procs": (dict, ProcMem)}
+
+
+@dataclass(frozen=True)
+class SchedInfo(Record):
+    """The reply of sched: the policy in force and the ones there are."""
+    policy: str = ""
+    policies: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -198,6 +251,7 @@ class SysInfo(Record):
     agent_user: str | None = None  # the user agents run as (`--agent-user`); None: the kernel's
     isolation: str = "none"        # "uid": agents run under a uid not the kernel's; "none": same
     max_agents: int = 0            # agent processes running at once, at most (then EAGAIN)
+    policy: str = ""               # the scheduling policy in force (sched, llmos up --sched)
 
 
 @dataclass(frozen=True)

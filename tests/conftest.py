@@ -6,6 +6,13 @@ import pytest
 from tests.checkpoints import KINDS, make_checkpoint
 
 
+@pytest.fixture
+def no_agent_env(monkeypatch):
+    """Behave as a program started outside the kernel (the owner's)."""
+    for var in ("LLMOS_SOCKET", "LLMOS_TOKEN_FD", "LLMOS_PID", "LLMOS_HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """make(kind, **options) -> path of a random-weight checkpoint, made once per session per options.

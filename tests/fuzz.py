@@ -20,7 +20,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from llmos.syscalls import wire
-from llmos.syscalls.args import Bool, Bytes, Dict, Float, Int, List, Messages, Signal, Spec, Str
+from llmos.syscalls.args import (UNLIMITED, Bool, Bytes, Dict, Fields, Float, Int, Limit, List,
+                                 Messages, Signal, Spec, Str)
 from llmos.syscalls.errors import E2BIG, EINVAL
 
 # Reproducible in CI: a fixed sequence of examples, no example database, no deadline (a
@@ -55,8 +56,10 @@ def _accepts_type(arg, v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     if isinstance(arg, (Int, Signal)) and isinstance(v, int):
         return not isinstance(v, bool)
+    if isinstance(arg, Limit):
+        return v == UNLIMITED or _accepts_type(arg.of, v)
     types = {Int: (), Str: (str,), Bool: (bool,), Bytes: (bytes,), List: (list, tuple),
-             Dict: (dict,), Messages: (list, tuple), Signal: (str,)}
+             Dict: (dict,), Fields: (dict,), Messages: (list, tuple), Signal: (str,)}
     return isinstance(v, types[type(arg)])
 
 
@@ -122,6 +125,10 @@ def valid(arg) -> st.SearchStrategy:
     if isinstance(arg, Dict):
         keys = st.text(min_size=1, max_size=min(arg.key.max_len, 16)) | _chars(arg.key.max_len)
         return st.dictionaries(keys, valid(arg.of), max_size=min(arg.max_len, 4))
+    if isinstance(arg, Fields):
+        return st.fixed_dictionaries({}, optional={k: valid(a) for k, a in arg.fields.items()})
+    if isinstance(arg, Limit):
+        return valid(arg.of) | st.just(UNLIMITED)
     if isinstance(arg, Messages):
         msg = st.fixed_dictionaries({"role": valid(arg.role), "content": valid(arg.content)})
         one = {"role": arg.ROLES[0], "content": ""}
@@ -144,6 +151,8 @@ def _bad(values, code=EINVAL, where="") -> st.SearchStrategy:
 @functools.cache
 def invalid(arg) -> st.SearchStrategy:
     """(value, code, where): values `arg` must refuse with `code`, naming the argument + where."""
+    if isinstance(arg, Limit):          # a number's errors, and any other word
+        return invalid(arg.of).filter(lambda bad: bad[0] != UNLIMITED)
     options = [_bad(wrong_type(arg))]
     if isinstance(arg, Int):
         lo, hi = arg.min, arg.max
@@ -180,6 +189,8 @@ def invalid(arg) -> st.SearchStrategy:
     elif isinstance(arg, Dict):
         too_many = valid(arg.of).map(lambda v: {f"k{i}": v for i in range(arg.max_len + 1)})
         options += [_bad(too_many, E2BIG), _bad_entry(arg)]
+    elif isinstance(arg, Fields):
+        options += [_bad_field(arg)]
     elif isinstance(arg, Messages):
         one = {"role": "user", "content": "hi"}
         options += [_bad(st.just([])), _bad(st.just([one] * (arg.max_len + 1)), E2BIG),
@@ -217,6 +228,18 @@ def _bad_entry(draw, arg: Dict):
         key += "x"
     value, code, where = draw(invalid(arg.of))
     return {**good, key: value}, code, f"[{key!r}]{where}"
+
+
+@st.composite
+def _bad_field(draw, arg: Fields):
+    """A map of valid fields but one: an unknown key (".key") or a bad value (".name...")."""
+    good = draw(valid(arg))
+    if draw(st.booleans()):
+        key = draw(KEYS.filter(lambda k: k not in arg.fields))
+        return {**good, key: draw(junk)}, EINVAL, f".{key}"
+    key = draw(st.sampled_from(sorted(arg.fields)))
+    value, code, where = draw(invalid(arg.fields[key]))
+    return {**good, key: value}, code, f".{key}{where}"
 
 
 _NOT_A_MAP = junk.filter(lambda v: v is not None and not isinstance(v, dict))
@@ -343,6 +366,11 @@ def within(arg, v) -> bool:
     if isinstance(arg, Dict):
         return (type(v) is dict and len(v) <= arg.max_len
                 and all(within(arg.key, k) and within(arg.of, x) for k, x in v.items()))
+    if isinstance(arg, Fields):
+        return type(v) is dict and all(k in arg.fields and within(arg.fields[k], x)
+                                       for k, x in v.items())
+    if isinstance(arg, Limit):
+        return v == UNLIMITED or within(arg.of, v)
     if isinstance(arg, Messages):
         return (type(v) is list and 1 <= len(v) <= arg.max_len
                 and all(type(m) is dict and set(m) == {"role", "content"}

@@ -9,7 +9,8 @@ import importlib
 
 _LAZY = {"connect": ".attach"} | {name: ".sdk" for name in (
     "Kernel", "Context", "Completion", "Delta", "Usage", "Stream", "ProcInfo",
-    "ProcState", "MemInfo", "ModelInfo", "SysInfo", "ContextInfo", "WaitStatus",
+    "ProcState", "MemInfo", "ProcMem", "ModelInfo", "SysInfo", "ContextInfo", "WaitStatus",
+    "Limits", "SchedInfo",
     "KernelNotRunning", "SyscallError", "KernelDead", "CallTimeout")}
 
 __all__ = list(_LAZY)

@@ -1,4 +1,5 @@
-"""The client commands of `llmos`: run, ps, kill, wait, logs, mem, models, sysinfo, syscalls.
+"""The client commands of `llmos`: run, ps, kill, wait, logs, mem, models, sysinfo, syscalls,
+sched, limit.
 
 Each talks to a running kernel through the SDK (attaching with the owner token of
 --home), so each stays light: no torch, no kernel engine. Any syscall error, or no
@@ -16,6 +17,7 @@ import time
 import click
 
 from llmos.userland import listing
+from llmos.userland.kernelctl import LIMIT_HELP, check_limits
 
 HOME_HELP = "The kernel's home (default: $LLMOS_HOME, else ~/.llmos)."
 FOLLOW_POLL = 0.1         # seconds between reads of a followed log
@@ -77,10 +79,12 @@ def _copy_new(f, out) -> bool:
 @click.option("--nice", default=None, type=click.IntRange(-20, 19),
               help="Nice value, -20 (first served) to 19 (last).")
 @click.option("-m", "--module", is_flag=True, help="PROGRAM is a Python module (python -m).")
+@click.option("--limit", "limits", multiple=True, callback=lambda ctx, param, v: check_limits(v),
+              metavar="NAME=VALUE", help="A limit of the process (yours otherwise). " + LIMIT_HELP)
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @client
-def run(program, args, detach, name, nice, module, home) -> None:
+def run(program, args, detach, name, nice, module, limits, home) -> None:
     """Run PROGRAM [ARGS...] as an llmos process (a .py file or -m module runs with this Python).
 
     Follows its output and exits with its status; Ctrl-C sends it INT (twice: KILL), waits
@@ -88,7 +92,7 @@ def run(program, args, detach, name, nice, module, home) -> None:
     """
     k = _connect(home)
     argv = [sys.executable, "-m", program, *args] if module else _argv(program, args)
-    pid = k.spawn(argv, name=name or os.path.basename(program), nice=nice)
+    pid = k.spawn(argv, name=name or os.path.basename(program), nice=nice, limits=limits or None)
     if detach:
         click.echo(pid)
         return
@@ -137,12 +141,15 @@ def _signal_unless_gone(k, pid: int, sig: str) -> None:
 
 
 @click.command()
+@click.option("-l", "--long", "long", is_flag=True,
+              help="Also the scheduler's view: service, queued and running time, "
+                   "preemptions, KV swapped out and on disk.")
 @listing.json_option
 @client
-def ps(as_json, home) -> None:
+def ps(long, as_json, home) -> None:
     """List the kernel's processes."""
     procs = _connect(home).ps()
-    click.echo(listing.to_json(procs) if as_json else listing.ps_text(procs))
+    click.echo(listing.to_json(procs) if as_json else listing.ps_text(procs, long))
 
 
 @click.command()
@@ -248,7 +255,34 @@ def syscalls(as_json, home) -> None:
     click.echo(listing.to_json(table) if as_json else listing.syscalls_text(table))
 
 
-COMMANDS = (run, ps, kill, wait, logs, mem, models, sysinfo, syscalls)
+@click.command()
+@click.argument("policy", required=False)
+@listing.json_option
+@client
+def sched(policy, as_json, home) -> None:
+    """List the scheduling policies, the one in force marked *; with POLICY, switch to it."""
+    info = _connect(home).sched(policy)
+    click.echo(listing.to_json(info) if as_json else listing.sched_text(info))
+
+
+@click.command(help="Show the limits of PID, or without PID those a process without a "
+                    "parent starts with (the kernel's defaults); with NAME=VALUE settings, "
+                    "set them first (a process may lower its own and its descendants'; "
+                    "raising one is the owner's). " + LIMIT_HELP.replace(" Repeatable.", ""))
+@click.argument("args", nargs=-1, metavar="[PID] [NAME=VALUE...]")
+@listing.json_option
+@client
+def limit(args, as_json, home) -> None:
+    pid = int(args[0]) if args and args[0].isdigit() else None
+    settings = check_limits(args[1:] if pid is not None else args)
+    if settings and pid is None:
+        raise click.UsageError("which process? give its PID before NAME=VALUE")
+    k = _connect(home)
+    limits = k.setrlimit(pid, **settings) if settings else k.getrlimit(pid)
+    click.echo(listing.to_json(limits) if as_json else listing.limits_text(limits))
+
+
+COMMANDS = (run, ps, kill, wait, logs, mem, models, sysinfo, syscalls, sched, limit)
 
 
 def register(group: click.Group) -> None:

@@ -10,6 +10,8 @@ import time
 import click
 
 DRIVER_HELP = 'cpu, cuda, an installed plugin, or "auto" (the best available); see `llmos drivers`.'
+LIMIT_HELP = ("NAME is calls, kv_blocks, contexts, children or tokens_per_s; VALUE a number or "
+              "'unlimited'. Repeatable.")
 BOOT_TIMEOUT = 120.0      # seconds `up -d` and `demo` wait for a kernel to answer
 KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first moves it to .1
 
@@ -34,7 +36,22 @@ KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first mov
 @click.option("--max-agents", type=click.IntRange(min=1), default=None, metavar="N",
               help="Agent processes running at once, at most (default: one per 64 MiB of "
                    "memory, 16 to 1024); a spawn past it is EAGAIN.")
-def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max_agents) -> None:
+@click.option("--sched", default=None, metavar="NAME",
+              help="Scheduling policy (default las); `llmos sched` lists them and switches it.")
+@click.option("--kv-ttl", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Seconds an idle context's KV stays resident before it may be paged out.")
+@click.option("--kv-disk", default=None, metavar="SIZE",
+              help="A disk tier for paged-out KV, e.g. 4G, in HOME/kv (default: none).")
+@click.option("--kv-swap", default=None, metavar="SIZE",
+              help="The host swap pool for preempted and paged-out KV, e.g. 1G (default: "
+                   "half the KV pool).")
+@click.option("--no-kv-paging", is_flag=True,
+              help="Idle contexts stay in the device pool (no virtual memory for KV).")
+@click.option("--limit", "limits", multiple=True, callback=lambda ctx, param, v: check_limits(v),
+              metavar="NAME=VALUE", help="A default limit of the processes without a parent "
+                                         "(their children inherit it). " + LIMIT_HELP)
+def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max_agents,
+       sched, kv_ttl, kv_disk, kv_swap, no_kv_paging, limits) -> None:
     """Boot the kernel on MODEL (in the foreground unless -d). Refuses a home whose
     kernel is running."""
     from llmos.syscalls.home import Home
@@ -45,6 +62,9 @@ def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max
                                    f"`llmos down --home {h.path}` stops it")
     argv = kernel_argv(h, model, driver, kv_memory, agent_user) + _listen_argv(listen, no_curve)
     argv += ["--max-agents", str(max_agents)] if max_agents else []
+    argv += _options(sched=sched, kv_ttl=kv_ttl, kv_disk=kv_disk, kv_swap=kv_swap)
+    argv += ["--no-kv-paging"] if no_kv_paging else []
+    argv += [a for name, value in limits.items() for a in ("--limit", f"{name}={value}")]
     if not detach:
         sys.stdout.flush()
         os.execv(argv[0], argv)          # this process becomes the kernel: signals reach it
@@ -52,6 +72,23 @@ def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max
     await_kernel(h, kernel, since)
     click.echo(f"llmos kernel {kernel.pid} listening on {h.socket_url}"
                + (f" and {listen}" if listen else ""))
+
+
+def check_limits(texts) -> dict:
+    """--limit NAME=VALUE options as {name: the wire's value}; a bad one is a usage error
+    (click.BadParameter). The same name twice: the last one counts."""
+    from llmos.syscalls import SyscallError
+    from llmos.syscalls.specs import parse_limit
+    try:
+        return dict(parse_limit(t) for t in texts)
+    except SyscallError as e:
+        raise click.BadParameter(e.msg) from None
+
+
+def _options(**given) -> list[str]:
+    """--name value for each option given (not None)."""
+    return [a for k, v in given.items() if v is not None
+            for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def _listen_argv(listen, no_curve) -> list[str]:

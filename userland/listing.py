@@ -41,30 +41,61 @@ def columns(header: list[str], rows: list[list], left: tuple[str, ...] = ()) -> 
 
 PS_HEADER = ["PID", "PPID", "STATE", "NI", "KV", "CALLS", "CTX", "TOK_IN", "TOK_OUT",
              "CPU%", "RSS", "AGE", "OS_PID", "NAME"]
+# ps -l: the scheduler's view, after KV (blocks swapped out, on disk) and after TOK_OUT
+# (service: tokens computed for it; seconds queued and running; preemptions; blocks moved out).
+PS_LONG = {"KV": ["KV_SWAP", "KV_DISK"],
+           "TOK_OUT": ["SERVICE", "QUEUED", "RUNNING", "PREEMPT", "SWAPS"]}
 
 
-def ps_text(procs) -> str:
-    """The ps listing of ProcInfo rows (also the live table of `llmos demo`)."""
-    rows = [[p.pid, p.ppid, p.state.value, p.nice, p.kv_blocks, p.calls, p.contexts,
-             p.tokens_in, p.tokens_out, f"{p.cpu_percent:.1f}", size(p.rss),
-             duration(p.age), p.os_pid, p.name] for p in procs]
-    return columns(PS_HEADER, rows, left=("STATE", "NAME"))
+def ps_text(procs, long: bool = False) -> str:
+    """The ps listing of ProcInfo rows (also the live table of `llmos demo`); long: with
+    the PS_LONG columns."""
+    header, rows = [], []
+    for h in PS_HEADER:
+        header += [h] + (PS_LONG.get(h, []) if long else [])
+    for p in procs:
+        more = {"KV": [p.kv_swapped, p.kv_disk],
+                "TOK_OUT": [p.service, seconds(p.queued_s), seconds(p.running_s),
+                            p.preemptions, p.swaps]} if long else {}
+        row = [p.pid, p.ppid, p.state.value, p.nice, p.kv_blocks, p.calls, p.contexts,
+               p.tokens_in, p.tokens_out, f"{p.cpu_percent:.1f}", size(p.rss),
+               duration(p.age), p.os_pid, p.name]
+        rows.append([c for h, cell in zip(PS_HEADER, row) for c in [cell] + more.get(h, [])])
+    return columns(header, rows, left=("STATE", "NAME"))
 
 
 # ---- mem -----------------------------------------------------------------------------
 
 def mem_text(info) -> str:
-    """The KV pool (blocks and tokens), then the blocks each process holds."""
+    """The KV pool, swap and disk tier (blocks and tokens), then where the KV of each
+    process is: resident in the pool, swapped out to the host, on disk (blocks)."""
     kv, bs = info.kv, info.kv.block_size
     pool = [[key, n, n * bs] for key, n in (
         ("total", kv.total), ("used", kv.used), ("cached", kv.cached), ("free", kv.free),
-        ("swap_total", kv.swap_total), ("swap_free", kv.swap_free))]
+        ("swap_total", kv.swap_total), ("swap_free", kv.swap_free),
+        ("disk_total", info.disk_total), ("disk_used", info.disk_used))]
     text = f"KV memory in blocks of {bs} tokens\n"
     text += columns(["POOL", "BLOCKS", "TOKENS"], pool, left=("POOL",))
     if info.procs:
-        per = [[pid, n, n * bs] for pid, n in sorted(info.procs.items())]
-        text += "\n\n" + columns(["PID", "KV", "TOKENS"], per)
+        per = [[pid, m.resident, m.swapped, m.disk, (m.resident + m.swapped + m.disk) * bs]
+               for pid, m in sorted(info.procs.items())]
+        text += "\n\n" + columns(["PID", "RESIDENT", "SWAPPED", "DISK", "TOKENS"], per)
     return text
+
+
+# ---- sched, limit --------------------------------------------------------------------
+
+def sched_text(info) -> str:
+    """The policies, one a line, the one in force marked * (as `git branch` marks one)."""
+    return "\n".join(f"{'*' if p == info.policy else ' '} {p}" for p in info.policies)
+
+
+def limits_text(limits) -> str:
+    """One line per limit of a Limits: its name and value, or "unlimited"."""
+    def show(v):
+        return "unlimited" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+    rows = [[n, show(getattr(limits, n))] for n in limits.NAMES]
+    return columns(["LIMIT", "VALUE"], rows, left=("LIMIT",))
 
 
 # ---- models, sysinfo, syscalls -------------------------------------------------------
@@ -142,6 +173,13 @@ def size(n) -> str | None:
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return f"{n}B"
+
+
+def seconds(s) -> str | None:
+    """Seconds as 0.4s, 12.5s, then as duration() does past a minute."""
+    if s is None:
+        return None
+    return f"{s:.1f}s" if s < 60 else duration(s)
 
 
 def duration(s) -> str | None:

@@ -18,8 +18,10 @@ import weakref
 from pathlib import Path
 
 from llmos.syscalls import CallTimeout, Connection, KernelDead, Sys, SyscallError  # noqa: F401 (re-exported)
-from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, MemInfo, ModelInfo,  # noqa: F401
-                                  ProcInfo, ProcState, SyscallInfo, SysInfo, Usage, WaitStatus)
+from llmos.syscalls.args import UNLIMITED
+from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, Limits, MemInfo,  # noqa: F401
+                                  ModelInfo, ProcInfo, ProcMem, ProcState, SchedInfo, SyscallInfo,
+                                  SysInfo, Usage, WaitStatus)
 
 WAIT_SLACK = 5.0     # seconds the client waits past a wait(timeout=) before giving up itself
 
@@ -71,6 +73,11 @@ class Stream:
 def _given(**args) -> dict:
     """The arguments that are not None (absent on the wire: the kernel's default)."""
     return {k: v for k, v in args.items() if v is not None}
+
+
+def _limits(limits: dict) -> dict:
+    """Limits for the wire: a value of None (no limit) becomes UNLIMITED."""
+    return {str(n): UNLIMITED if v is None else v for n, v in limits.items()}
 
 
 def _generate_args(prompt, messages, token_ids, options: dict) -> dict:
@@ -151,9 +158,12 @@ class Kernel:
 
     # ---- processes ----------------------------------------------------------------------
     def spawn(self, argv, name: str | None = None, nice: int | None = None,
-              env: dict | None = None) -> int:
+              env: dict | None = None, limits: dict | None = None) -> int:
         """Start argv (a list; a str is one program without arguments) as a child process
-        of this one; returns its pid. Its stdout and stderr go to log_path(pid)."""
+        of this one; returns its pid. Its stdout and stderr go to log_path(pid). Its limits
+        are this process's, with `limits` ({name: value, None: no limit}) set instead:
+        lower ones, or higher for the owner only (EPERM). Raises EAGAIN at this process's
+        children limit."""
         argv = [argv] if isinstance(argv, str) else [str(a) for a in argv]
         args = {"argv": argv}
         if name is not None:
@@ -162,6 +172,8 @@ class Kernel:
             args["nice"] = nice
         if env is not None:
             args["env"] = {str(k): str(v) for k, v in env.items()}
+        if limits is not None:
+            args["limits"] = _limits(limits)
         return self._call(Sys.SPAWN, **args)["pid"]
 
     def wait(self, pid: int, timeout: float | None = None) -> int | None:
@@ -192,6 +204,23 @@ class Kernel:
         """Set the nice value (-20..19) of pid, or of this process."""
         self._call(Sys.NICE, value=value, **({} if pid is None else {"pid": pid}))
 
+    def setrlimit(self, pid: int | None = None, **limits) -> Limits:
+        """Set limits of pid (or of this process): calls, kv_blocks, contexts, children,
+        tokens_per_s, each a number or None (no limit); those not named stay. A process
+        may lower its own and its descendants'; raising one is the owner's (EPERM).
+        Returns the limits now in force."""
+        return Limits.from_wire(self._call(Sys.SETRLIMIT, **_limits(limits), **_given(pid=pid)))
+
+    def getrlimit(self, pid: int | None = None) -> Limits:
+        """The limits of pid (or of this process); None is no limit. Raises EPERM for a
+        process that is not this one or a descendant (the owner may read any)."""
+        return Limits.from_wire(self._call(Sys.GETRLIMIT, **_given(pid=pid)))
+
+    def sched(self, policy: str | None = None) -> SchedInfo:
+        """The scheduling policy in force and those there are; with `policy`, switch to it
+        first (the owner only: EPERM; an unknown name: EINVAL naming them)."""
+        return SchedInfo.from_wire(self._call(Sys.SCHED, **_given(policy=policy)))
+
     def exit(self, status: int = 0) -> None:
         """Leave the kernel, then close the connection; the program itself should exit next
         (e.g. sys.exit(status)). An attached program tells the kernel its status here; a
@@ -213,7 +242,8 @@ class Kernel:
 
     # ---- the system ---------------------------------------------------------------------
     def meminfo(self) -> MemInfo:
-        """KV pool and swap (MemInfo.kv) and KV blocks per pid (MemInfo.procs)."""
+        """KV pool and swap (MemInfo.kv), the disk tier, and where the KV of each process
+        that holds some is (MemInfo.procs: pid -> ProcMem, in blocks)."""
         return MemInfo.from_wire(self._call(Sys.MEMINFO))
 
     def models(self) -> list[ModelInfo]:

@@ -268,7 +268,8 @@ def warm_up(k) -> None:
 def stop_a_hog(k) -> int:
     """Spawn the hog and stop it (through the kernel) while it holds HOG_BLOCKS or more;
     its pid."""
-    pid = k.spawn([sys.executable, "-c", HOG], name="hog")
+    # It may hold the whole pool (by default a process holds at most 75% of it).
+    pid = k.spawn([sys.executable, "-c", HOG], name="hog", limits={"kv_blocks": None})
 
     def blocks() -> int:
         return next(p.kv_blocks for p in k.ps() if p.pid == pid)

@@ -152,8 +152,10 @@ def test_a_request_that_breaks_fails_alone_and_the_others_are_untouched(engine, 
 
 
 def test_a_refused_request_keeps_the_out_of_memory_code():
-    engine = Engine.from_pretrained("tiny", num_blocks=4, block_size=16)
-    ctx = engine.context_create(list(range(3, 43)))     # 3 of the 4 blocks, held while idle
+    # Without paging (and swap), an idle context keeps its blocks: 3 of the 4.
+    engine = Engine.from_pretrained("tiny", num_blocks=4, block_size=16, num_swap_blocks=0,
+                                    kv_paging=False)
+    ctx = engine.context_create(list(range(3, 43)))
     run(engine, [([], dict(context=ctx, max_tokens=1))], check_free=False)
     out, = run(engine, [([50 + i % 20 for i in range(30)], {})], check_free=False)
     assert out.error.startswith("out of KV memory") and out.error_code == "ENOMEM"

@@ -40,6 +40,7 @@ KERNEL_CODES = CODES - {EIO, ETIMEDOUT, EDEAD}  # EIO is a kernel bug; the other
 MUST_FAIL = {
     Sys.SPAWN: "would start processes (argv from the fuzzer)",
     Sys.EXIT: "would end the fuzzing process in the middle of its batch (it exits at the end)",
+    Sys.SETRLIMIT: "would limit the fuzzing process itself (calls=0: its generates refused)",
 }
 
 PROMPTS = ["12+47=", "reverse a b c =", "x", "\U0001F600 \u202e \0"]
@@ -79,7 +80,7 @@ def narrowed(contexts: list[int]) -> dict:
         Sys.CONTEXT_FORK: dict(context=handle), Sys.CONTEXT_FREE: dict(context=handle),
         Sys.CONTEXT_INFO: dict(context=handle),
         Sys.CANCEL: dict(call=st.integers(FIRST_ID, FIRST_ID + CALLS)),
-        Sys.KILL: dict(pid=NO_PID), Sys.NICE: dict(pid=NO_PID),
+        Sys.KILL: dict(pid=NO_PID), Sys.NICE: dict(pid=NO_PID), Sys.GETRLIMIT: dict(pid=NO_PID),
         Sys.WAIT: dict(pid=NO_PID, timeout=st.floats(0, 0.5)),
     }
 

@@ -224,11 +224,12 @@ def test_exit_holding_contexts_frees_them(k, engine):
     run(k)
     assert answer(k, c, gen)[0] == "ok" and answer(k, c, fork)[0] == "ok"
     assert engine.blocks.usage()["used"] > 0 and len(engine.contexts) == 4
-    assert k.ps(0, True)[0].contexts == 4 and k.loop.snapshot.blocks[c.pid] > 0
+    assert k.ps(0, True)[0].contexts == 4 and k.ps(0, True)[0].kv_blocks > 0
+    acct = k.procs.get(c.pid).acct
     call(k, c, Sys.EXIT, status=0)
     run(k)
     assert not engine.contexts and engine.blocks.usage()["used"] == 0
-    assert c.pid not in k.loop.snapshot.blocks
+    assert acct.kv == {"device": 0, "host": 0, "disk": 0}
 
 
 def test_two_connections_of_one_process_keep_their_calls_apart(k, engine):
@@ -279,7 +280,7 @@ def test_stop_and_cont_pause_the_work_and_ps_shows_it(k, engine):
     call(k, owner, Sys.KILL, pid=agent.pid, sig="CONT")
     run(k)
     assert len(answer(k, a, cid)[1]["token_ids"]) == 40 and answer(k, a, later)[0] == "ok"
-    assert k.procs.get(agent.pid).tokens_out >= 42
+    assert k.procs.get(agent.pid).acct.generated_tokens >= 42
 
 
 def test_nice_without_pid_and_permissions(k):

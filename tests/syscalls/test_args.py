@@ -7,7 +7,8 @@ import pytest
 from llmos.syscalls.args import Bool, Bytes, Dict, Float, Int, List, Messages, Signal, Spec, Str
 from llmos.syscalls.errors import E2BIG, EINVAL, SyscallError
 from llmos.syscalls.numbers import Sys
-from llmos.syscalls.specs import SPECS
+from llmos.syscalls.specs import LIMITS, SPECS, parse_limit
+from llmos.syscalls.types import Limits
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
@@ -17,7 +18,10 @@ GOOD = {
     Sys.SYSCALLS: [{}], Sys.SYSINFO: [{}], Sys.PS: [{}], Sys.GETPID: [{}],
     Sys.MEMINFO: [{}], Sys.MODELS: [{}],
     Sys.SPAWN: [{"argv": ["python", "-c", "pass"]},
-                {"argv": ["a"], "name": "agent", "nice": -20, "env": {"K": "v"}}],
+                {"argv": ["a"], "name": "agent", "nice": -20, "env": {"K": "v"}},
+                {"argv": ["a"], "limits": {}},
+                {"argv": ["a"], "limits": {"calls": 0, "children": "unlimited",
+                                           "tokens_per_s": 2.5}}],
     Sys.EXIT: [{"status": 0}, {"status": -1}],
     Sys.WAIT: [{"pid": 3}, {"pid": 3, "timeout": 1.5}, {"pid": 3, "timeout": 2}],
     Sys.KILL: [{"pid": 3}, {"pid": 3, "sig": "KILL"}, {"pid": 3, "sig": "SIGSTOP"}, {"pid": 3, "sig": 18}],
@@ -32,6 +36,10 @@ GOOD = {
     Sys.CONTEXT_INFO: [{"context": 1}],
     Sys.TOKENIZE: [{"text": "hello"}, {"text": ""}],
     Sys.DETOKENIZE: [{"token_ids": [1, 2]}, {"token_ids": []}],
+    Sys.SCHED: [{}, {"policy": "fair"}],
+    Sys.SETRLIMIT: [{}, {"calls": 4}, {"pid": 3, "kv_blocks": 0, "contexts": "unlimited",
+                                       "children": 2, "tokens_per_s": 10}],
+    Sys.GETRLIMIT: [{}, {"pid": 3}],
 }
 
 # (syscall, args, code, words the message must contain)
@@ -109,6 +117,20 @@ BAD = [
     (Sys.DETOKENIZE, {"token_ids": [1 << 40]}, EINVAL, "'token_ids[0]'"),
     (Sys.DETOKENIZE, {"token_ids": {"0": 1}}, EINVAL, "'token_ids': expected list, got dict"),
     (Sys.MODELS, {"all": True}, EINVAL, "unknown argument 'all'"),
+    (Sys.SPAWN, {"argv": ["a"], "limits": [3]}, EINVAL, "'limits': expected map, got list"),
+    (Sys.SPAWN, {"argv": ["a"], "limits": {"cpu": 1}}, EINVAL, "'limits.cpu': unknown field"),
+    (Sys.SPAWN, {"argv": ["a"], "limits": {"calls": -1}}, EINVAL, "'limits.calls': -1 is below"),
+    (Sys.SPAWN, {"argv": ["a"], "limits": {"calls": "none"}}, EINVAL,
+     "'limits.calls': expected a number or 'unlimited', got 'none'"),
+    (Sys.SCHED, {"policy": ""}, EINVAL, "'policy': too short"),
+    (Sys.SCHED, {"policy": 1}, EINVAL, "'policy': expected str"),
+    (Sys.SETRLIMIT, {"calls": 1.5}, EINVAL, "'calls': expected int, got float"),
+    (Sys.SETRLIMIT, {"calls": True}, EINVAL, "'calls': expected int, got bool"),
+    (Sys.SETRLIMIT, {"contexts": "Unlimited"}, EINVAL, "'contexts': expected a number or"),
+    (Sys.SETRLIMIT, {"tokens_per_s": 0}, EINVAL, "'tokens_per_s': 0.0 must be > 0"),
+    (Sys.SETRLIMIT, {"tokens_per_s": math.inf}, EINVAL, "'tokens_per_s': expected a finite"),
+    (Sys.SETRLIMIT, {"nice": 3}, EINVAL, "unknown argument 'nice'"),
+    (Sys.GETRLIMIT, {"pid": -1}, EINVAL, "'pid': -1 is below"),
 ]
 
 
@@ -175,3 +197,17 @@ def test_small_types_directly():
     with pytest.raises(SyscallError, match="required"):
         Spec(one_of=[("a", "b")], a=Int(), b=Int()).validate({})
     assert Spec(x=Int(default=3)).validate({}) == {"x": 3}
+
+
+def test_limits_have_one_spec_each_and_parse_from_text():
+    assert tuple(LIMITS) == Limits.NAMES
+    assert parse_limit("calls=5") == ("calls", 5)
+    assert parse_limit("tokens_per_s=2.5") == ("tokens_per_s", 2.5)
+    assert parse_limit("kv_blocks=unlimited") == ("kv_blocks", "unlimited")
+    for text, words in (("calls", "expected NAME=VALUE"), ("cpu=1", "NAME one of calls"),
+                        ("calls=1.5", "neither a number nor 'unlimited'"),
+                        ("calls=-1", "'calls': -1 is below the minimum 0"),
+                        ("tokens_per_s=nan", "expected a finite float")):
+        with pytest.raises(SyscallError) as e:
+            parse_limit(text)
+        assert e.value.code == EINVAL and words in e.value.msg, e.value

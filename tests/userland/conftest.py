@@ -18,10 +18,3 @@ def own_kernel():
     """(home, Popen) of a kernel of this test alone, for tests that kill it."""
     with running_kernel() as kernel:
         yield kernel
-
-
-@pytest.fixture
-def no_agent_env(monkeypatch):
-    """Behave as a program started outside the kernel."""
-    for var in ("LLMOS_SOCKET", "LLMOS_TOKEN_FD", "LLMOS_PID", "LLMOS_HOME"):
-        monkeypatch.delenv(var, raising=False)

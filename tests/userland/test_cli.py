@@ -91,7 +91,7 @@ def test_every_option_of_every_command_has_help():
 
 
 def test_listings_have_json():
-    listings = ("ps", "mem", "models", "drivers", "sysinfo", "syscalls")
+    listings = ("ps", "mem", "models", "drivers", "sysinfo", "syscalls", "sched", "limit")
     assert all(any(p.name == "as_json" for p in main.commands[c].params) for c in listings)
 
 

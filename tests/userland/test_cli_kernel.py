@@ -2,6 +2,7 @@
 test_cli.py and test_commands.py run the CLI (against conftest's `kernel_home`)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -98,6 +99,41 @@ def test_up_detached_reports_the_kernel_it_started_and_down_stops_it():
         if home.running_pid():
             os.kill(home.running_pid(), signal.SIGKILL)
         shutil.rmtree(home.path, ignore_errors=True)
+
+
+def test_up_passes_the_scheduling_paging_and_limit_options_to_the_kernel():
+    home = Home(short_home())
+    try:
+        up = llmos(home.path, "up", "-d", "--kv-memory", "16M", "--sched", "fifo",
+                   "--kv-ttl", "0.5", "--kv-disk", "1M", "--limit", "calls=7",
+                   "--limit", "tokens_per_s=2.5", "--limit", "children=unlimited")
+        assert up.returncode == 0, up.stderr
+        assert llmos(home.path, "sched").stdout.splitlines()[0] == "* fifo"
+        limits = dict(line.split() for line in llmos(home.path, "limit").stdout.splitlines()[1:])
+        assert (limits["calls"], limits["tokens_per_s"], limits["children"]) == (
+            "7", "2.5", "unlimited")
+        mem = json.loads(llmos(home.path, "mem", "--json").stdout)
+        assert mem["disk_total"] > 0                      # 1M of 32 KiB blocks
+        assert stat.S_IMODE(os.stat(home.kv_dir).st_mode) == 0o700
+        assert llmos(home.path, "down").returncode == 0
+    finally:
+        if home.running_pid():
+            os.kill(home.running_pid(), signal.SIGKILL)
+        shutil.rmtree(home.path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--limit", "cpu=1"], "NAME one of calls"), (["--limit", "calls=-1"], "below the minimum 0"),
+    (["--kv-ttl", "-1"], "-1"), (["--sched", "round-robin"], "round-robin"),
+])
+def test_up_with_a_bad_option_is_a_clear_error(option, words):
+    home = short_home()
+    try:
+        run = llmos(home, "up", "-d", "--kv-memory", "16M", *option)
+        assert run.returncode != 0 and words in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and Home(home).running_pid() is None
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_down_without_a_kernel_is_a_clear_error():

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from llmos.syscalls.home import Home
-from llmos.syscalls.types import KVInfo, ModelInfo, ProcInfo, SyscallInfo, SysInfo
+from llmos.syscalls.types import (KVInfo, Limits, MemInfo, ModelInfo, ProcInfo, SchedInfo,
+                                  SyscallInfo, SysInfo)
 from llmos.userland import connect
 from tests.kernels import ROOT
 from tests.userland.test_cli_kernel import T, llmos
@@ -64,7 +65,7 @@ def test_every_listing_has_json_with_the_fields_of_its_record(kernel_home):
         row = next(p for p in ps if p["pid"] == pid)
         assert row["name"] == "json-sleeper" and row["state"] == "sleeping"
         mem = json.loads(llmos(kernel_home, "mem", "--json").stdout)
-        assert set(mem) == {"kv", "procs"} and set(mem["kv"]) == fields(KVInfo)
+        assert set(mem) == fields(MemInfo) and set(mem["kv"]) == fields(KVInfo)
         assert mem["kv"]["total"] > 0 and mem["kv"]["block_size"] > 0
         models = json.loads(llmos(kernel_home, "models", "--json").stdout)
         assert [m["name"] for m in models] == ["tiny"] and set(models[0]) == fields(ModelInfo)
@@ -106,6 +107,68 @@ def test_mem_models_sysinfo_as_columns(kernel_home):
     rows = dict(line.split(None, 1) for line in info.stdout.splitlines()[1:])
     assert rows["model"] == "tiny" and rows["driver"] == "cpu"
     assert (rows["agent_user"], rows["isolation"]) == ("-", "none")   # agents share our uid
+
+
+def test_ps_long_adds_the_schedulers_columns_and_mem_shows_each_process(kernel_home):
+    with connect(kernel_home, timeout=T) as k, k.context(system="You are tiny.") as ctx:
+        ctx.generate("12+47=", max_tokens=4)
+        held = ctx.info().blocks
+        ps = llmos(kernel_home, "ps", "-l")
+        assert ps.returncode == 0, ps.stderr
+        header, *rows = ps.stdout.splitlines()
+        assert header.split() == ["PID", "PPID", "STATE", "NI", "KV", "KV_SWAP", "KV_DISK",
+                                  "CALLS", "CTX", "TOK_IN", "TOK_OUT", "SERVICE", "QUEUED",
+                                  "RUNNING", "PREEMPT", "SWAPS", "CPU%", "RSS", "AGE", "OS_PID",
+                                  "NAME"]
+        mine = next(r for r in rows if r.split()[0] == str(k.pid))
+        mine = dict(zip(header.split(), mine.split()))
+        assert int(mine["SERVICE"]) == int(mine["TOK_IN"]) + int(mine["TOK_OUT"]) > 0
+        assert mine["RUNNING"].endswith("s") and int(mine["KV"]) == held
+        mem = eventually(lambda: (m := llmos(kernel_home, "mem")).stdout.count("\n\n") and m,
+                         "the per-process table")
+        table = mem.stdout.split("\n\n")[1].splitlines()
+        assert table[0].split() == ["PID", "RESIDENT", "SWAPPED", "DISK", "TOKENS"]
+        assert [str(k.pid), str(held), "0", "0"] in [line.split()[:4] for line in table[1:]]
+        assert "disk_total" in mem.stdout.split("\n\n")[0]
+
+
+def test_sched_lists_the_policies_marking_the_one_in_force(kernel_home):
+    run = llmos(kernel_home, "sched")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    marked = [line[2:] for line in lines if line.startswith("* ")]
+    assert len(marked) == 1 and {line[2:] for line in lines} == {"fifo", "priority", "fair", "las"}
+    info = json.loads(llmos(kernel_home, "sched", "--json").stdout)
+    assert set(info) == fields(SchedInfo) and info["policy"] == marked[0]
+    other = next(p for p in info["policies"] if p != marked[0])
+    try:
+        switched = llmos(kernel_home, "sched", other)
+        assert switched.returncode == 0 and f"* {other}" in switched.stdout.splitlines()
+    finally:
+        assert llmos(kernel_home, "sched", marked[0]).returncode == 0
+
+
+def test_limit_shows_and_sets_and_run_sets_a_childs(kernel_home):
+    defaults = llmos(kernel_home, "limit")
+    assert defaults.returncode == 0, defaults.stderr
+    rows = dict(line.split() for line in defaults.stdout.splitlines()[1:])
+    assert rows["calls"] == "512" and rows["tokens_per_s"] == "unlimited"
+    # Above the defaults: `llmos` is the owner, who may raise a limit.
+    pid = spawned(kernel_home, "--limit", "calls=600", "--limit", "tokens_per_s=20", "sleep", "30")
+    try:
+        shown = json.loads(llmos(kernel_home, "limit", str(pid), "--json").stdout)
+        assert set(shown) == fields(Limits) and (shown["calls"], shown["tokens_per_s"]) == (600, 20)
+        changed = llmos(kernel_home, "limit", str(pid), "calls=unlimited", "contexts=2")
+        assert changed.returncode == 0, changed.stderr
+        rows = dict(line.split() for line in changed.stdout.splitlines()[1:])
+        assert (rows["calls"], rows["contexts"], rows["tokens_per_s"]) == ("unlimited", "2", "20")
+        for args in (["calls=2"], [str(pid), "cpu=1"], [str(pid), "calls=-1"]):
+            bad = llmos(kernel_home, "limit", *args)
+            assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        bad = llmos(kernel_home, "run", "--limit", "calls", "true")
+        assert bad.returncode == 2 and "expected NAME=VALUE" in bad.stderr
+    finally:
+        llmos(kernel_home, "kill", "-s", "KILL", str(pid))
 
 
 def test_syscalls_lists_the_table(kernel_home):
@@ -218,6 +281,8 @@ def test_logs_follow_ends_with_the_process(kernel_home):
     (["kill", "-s", "HUP", "1"], "EINVAL"),
     (["wait", "99999"], "ESRCH"),
     (["logs", "99999"], "no log for pid 99999"),
+    (["sched", "round-robin"], "EINVAL: sched: no policy 'round-robin'"),
+    (["limit", "99999"], "ESRCH"),
 ])
 def test_errors_are_one_line(kernel_home, args, message):
     run = llmos(kernel_home, *args)
@@ -227,7 +292,8 @@ def test_errors_are_one_line(kernel_home, args, message):
 
 
 @pytest.mark.parametrize("args", [["ps"], ["run", "true"], ["mem"], ["models"], ["sysinfo"],
-                                  ["syscalls"], ["kill", "1"], ["wait", "1"]])
+                                  ["syscalls"], ["kill", "1"], ["wait", "1"], ["sched"],
+                                  ["limit"]])
 def test_no_kernel_is_a_clear_error(tmp_path, args):
     run = llmos(tmp_path, *args)
     assert run.returncode == 1

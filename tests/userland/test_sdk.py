@@ -733,9 +733,18 @@ def test_meminfo_counts_kv_blocks_per_pid(k):
         held = ctx.info().blocks
         assert held > 0
         mem = until(lambda: (m := k.meminfo()).procs.get(k.pid) and m, "the context's blocks")
-        assert mem.procs[k.pid] == held == row(k, k.pid).kv_blocks
+        assert mem.procs[k.pid].resident == held == row(k, k.pid).kv_blocks
         assert mem.kv.used >= held
     until(lambda: k.meminfo().procs.get(k.pid, 0) == 0, "the freed context's blocks")
+
+
+def test_ps_shows_what_the_scheduler_accounted(k):
+    done = k.generate("12+47=", max_tokens=8)
+    made = done.usage.completion_tokens
+    me = until(lambda: (r := row(k, k.pid)).tokens_out >= made and r, "the counters")
+    assert me.service == me.tokens_in + me.tokens_out and me.tokens_in > 0
+    assert me.running_s > 0 and me.queued_s >= 0
+    assert (me.kv_swapped, me.kv_disk, me.preemptions, me.swaps) == (0, 0, 0, 0)
 
 
 def test_sysinfo_names_the_driver_in_use(k):
