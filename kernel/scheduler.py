@@ -216,6 +216,12 @@ class Scheduler:
         self.policy.charged(acct, prompt, generated)
 
     # ---- room -----------------------------------------------------------------------
+    def _growth(self, table, n: int) -> int:
+        """Blocks more that table's account holds once n more slots are appended. Not
+        blocks_needed: a copy on write takes a block from the pool but replaces one in
+        the table (counted, it had a call whose limit was just enough refused)."""
+        return -(-(table.num_tokens + n) // self.blocks.block_size) - len(table.blocks)
+
     def _over_limit(self, req: Request, blocks: int) -> bool:
         limit = req.account.limits.kv_blocks
         return limit is not None and req.account.resident + blocks > limit
@@ -226,7 +232,7 @@ class Scheduler:
         its kv_blocks limit. False when not: req waits, or when it is alone (`_alone`),
         is refused."""
         table = req.seq.table
-        grow = self.blocks.blocks_needed(table, n)
+        grow = self._growth(table, n)
         if not self._fits_limit(req, grow) and not self._yield_own(req, grow, batch):
             return False
         if self.blocks.can_append(table, n):
@@ -392,7 +398,7 @@ class Scheduler:
         # At least one token runs, for the logits: KV restored up to the last token
         # is cut back by one (a context paged out after its last reply).
         n = max(1, min(len(req.seq.tokens) - max(restore, table.num_tokens), budget))
-        grow = self.blocks.blocks_needed(table, restore + n)
+        grow = self._growth(table, restore + n)
         if not self._fits_limit(req, grow):
             if fresh:
                 self.blocks.free(table)
