@@ -28,8 +28,7 @@ class Add:
     sampling: dict
     context: int | None
     stream: bool
-    stopped: bool              # the process is STOPPED: queue it paused
-    salt: bytes
+    salt: bytes                # (a STOPPED process's Pause came first: its account says so)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from llmos.syscalls.errors import E2BIG, EINVAL, ENOENT, ESRCH, SyscallError
 from llmos.syscalls.numbers import sys_name
-from llmos.syscalls.types import Completion, ProcState
+from llmos.syscalls.types import Completion
 
 from . import inbox as cmd
 from . import limits, tunables
@@ -52,8 +52,7 @@ class LLMCalls:
                     call.reply(Completion(finish_reason="abort"))
                     return
                 self.loop.put(cmd.Add(rid, proc, call, key, tokens, chat, sampling, ctx,
-                                      a["stream"], proc.state is ProcState.STOPPED,
-                                      self._salt(proc, a["share"])))
+                                      a["stream"], self._salt(proc, a["share"])))
 
         def undo(err: SyscallError) -> None:
             with self.procs.lock:

@@ -151,15 +151,14 @@ class EngineLoop:
     # ---- commands (engine thread) -------------------------------------------------------
     def _add(self, c: cmd.Add) -> None:
         try:
-            req = self.engine.add_request(c.tokens, chat=c.chat, context=c.context,
-                                          on_event=partial(self._output, c), salt=c.salt,
-                                          stream=c.stream, request_id=c.rid, owner=c.proc,
-                                          account=c.proc.acct, **c.sampling)
+            self.engine.add_request(c.tokens, chat=c.chat, context=c.context,
+                                    on_event=partial(self._output, c), salt=c.salt,
+                                    stream=c.stream, request_id=c.rid, owner=c.proc,
+                                    account=c.proc.acct, **c.sampling)
         except SyscallError as e:          # EngineError and its kinds
             self._forget(c)
             c.call.error(e.code, e.msg)
             return
-        req.stopped = req.stopped or c.stopped
 
     def _output(self, c: cmd.Add, out) -> None:
         """A request's news: stream it, and answer the call when it is done (the scheduler

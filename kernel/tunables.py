@@ -28,7 +28,8 @@ MIN_AGENTS, MAX_AGENTS = 16, 1024  # ...within these bounds; llmos up --max-agen
 SHARE_GROUPS_KEPT = 64           # share groups remembered per process, so each is audited once
 
 # ---- scheduling (kernel/policy.py) and KV virtual memory (kernel/vm.py) ----
-DEFAULT_POLICY = "las"           # llmos up --sched; the policy the benchmarks favoured (README)
+DEFAULT_POLICY = "fair"          # llmos up --sched: nice works as weights, a flood is contained,
+                                 # and no policy beat fifo on the agent workload (README)
 AGING_S = 2.0                    # s of waiting that lifts a request one level (priority: one
                                  # nice step; las: one service level), so none waits unboundedly
 FAIR_PROMPT_WEIGHT = 1.0         # fair (VTC): a prompt token's cost in the virtual counter...

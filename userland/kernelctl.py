@@ -37,7 +37,7 @@ KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first mov
               help="Agent processes running at once, at most (default: one per 64 MiB of "
                    "memory, 16 to 1024); a spawn past it is EAGAIN.")
 @click.option("--sched", default=None, metavar="NAME",
-              help="Scheduling policy (default las); `llmos sched` lists them and switches it.")
+              help="Scheduling policy (default fair); `llmos sched` lists them and switches it.")
 @click.option("--kv-ttl", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Seconds an idle context's KV stays resident before it may be paged out.")
 @click.option("--kv-disk", default=None, metavar="SIZE",
