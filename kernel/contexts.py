@@ -7,6 +7,7 @@ back on its next request. `fork` makes a copy-on-write child.
 from __future__ import annotations
 
 from .account import Account
+from .blocks import BlockTable
 from .errors import ContextBusy, EngineError, NoSuchContext
 from .request import KVContext, Sequence
 
@@ -39,7 +40,9 @@ class ContextCalls:
     def context_fork(self, context: int, context_id: int | None = None,
                      owner: object = None, account: Account | None = None) -> int:
         """A copy-on-write child: it shares every block of the parent until one of them
-        writes (a paged-out parent's child recomputes its KV on its first call)."""
+        writes. A parent paged out to host swap shares its host blocks with the child
+        (they are read-only there); one paged out to disk has a child that recomputes its
+        KV on its first call."""
         parent = self._idle_context(context)
         cid = next(self._context_ids) if context_id is None else context_id
         if cid in self.contexts:
@@ -49,6 +52,8 @@ class ContextCalls:
         child = KVContext(cid, Sequence(list(parent.seq.tokens), table),
                           owner=parent.owner if owner is None else owner, account=account,
                           last_used=self.scheduler.clock())
+        if isinstance(parent.paged, BlockTable):
+            child.paged = self.swapper.host.fork(parent.paged, account)
         self.contexts[child.id] = child
         return child.id
 

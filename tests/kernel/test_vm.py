@@ -226,3 +226,24 @@ def test_kv_counts_follow_blocks_across_tiers_and_free(tmp_path):
     assert engine.pager.disk.used == 0 and not list(tmp_path.glob("*.kv"))
     assert engine.swapper.host.num_free_blocks == engine.swapper.host.num_blocks
     assert engine.blocks.num_free_blocks == engine.num_blocks
+
+
+def test_a_fork_of_a_paged_out_context_shares_its_host_blocks():
+    engine = tiny(num_blocks=8, num_swap_blocks=16, kv_ttl=0.0)
+    acct = Account(pid=1)
+    parent = filled(engine, acct, seed=1)                 # 3 blocks
+    others = [filled(engine, Account(pid=2), seed=2),
+              filled(engine, Account(pid=3), seed=3)]     # page the parent out
+    assert paged_out(engine, parent)
+    host_used = engine.swapper.host.num_blocks - engine.swapper.host.num_free_blocks
+    child = engine.context_fork(parent)
+    assert engine.swapper.host.num_blocks - engine.swapper.host.num_free_blocks == host_used
+    assert acct.kv == kv_of(engine, acct)                 # the child's share counted too
+    computed = engine.stats["computed_tokens"]
+    got = turn(engine, child, [5], acct)
+    assert engine.stats["computed_tokens"] - computed <= 4 + 1   # restored, not recomputed
+    assert got == turn(engine, parent, [5], acct)         # the same KV, the same tokens
+    for ctx in [child, parent] + others:
+        engine.context_free(ctx)
+    assert acct.kv == {"device": 0, "host": 0, "disk": 0}
+    assert engine.swapper.host.num_free_blocks == engine.swapper.host.num_blocks
