@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from llmos.syscalls.types import Limits
 
 NICE_0_WEIGHT = 1024            # CFS: the weight of nice 0; each nice step is ~1.25x
+KV_LIMIT = "kv_blocks limit"    # how every refusal for the kv_blocks limit begins (audited)
 
 
 def nice_weight(nice: int) -> float:

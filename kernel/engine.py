@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 from llmos.syscalls.types import Completion
 
 from . import tunables
-from .account import Account
+from .account import KV_LIMIT, Account
 from .blocks import BlockManager
 from .contexts import ContextCalls
 from .errors import ContextBusy, EngineError, KVOutOfMemory
@@ -185,7 +185,7 @@ class Engine(ContextCalls):
                                 f"{self.num_blocks}")
         limit = account.limits.kv_blocks if account is not None else None
         if limit is not None and need > limit:
-            raise KVOutOfMemory(f"kv_blocks limit ({limit}) exceeded: prompt ({prompt_len} "
+            raise KVOutOfMemory(f"{KV_LIMIT} ({limit}) exceeded: prompt ({prompt_len} "
                                 f"tokens) + max_tokens ({max_tokens}) need {need} KV blocks")
 
     def abort(self, request_id: int) -> bool:

@@ -65,7 +65,8 @@ class Supervisor(LLMCalls):
                                first_pid=first_free_pid(home.log_dir), user=agent_user,
                                max_agents=max_agents,
                                default_limits=limits.defaults(engine.num_blocks, default_limits))
-        self.loop = EngineLoop(engine, self.procs, on_crash=self._engine_crashed)
+        self.loop = EngineLoop(engine, self.procs, on_crash=self._engine_crashed,
+                               on_limit=self._kv_limited)
         self.timers = Timers()
         self.timers.every(self.audit.period, self.audit.tick)
         self._shares: dict[int, set] = {}      # pid -> share groups it joined; procs.lock
@@ -296,6 +297,11 @@ class Supervisor(LLMCalls):
         if p.pid in snap.running:
             return ProcState.RUNNING
         return ProcState.READY if p.requests else ProcState.SLEEPING
+
+    def _kv_limited(self, proc, call, msg: str) -> None:
+        """Engine thread: proc's call was refused by its kv_blocks limit (ENOMEM)."""
+        self.audit.record("limit", limited=True, pid=proc.pid, uid=call.conn.uid,
+                          syscall=sys_name(call.nr), code=ENOMEM, reason=msg)
 
     def _engine_crashed(self, exc: BaseException) -> None:
         log.error("engine crashed: %r; the kernel exits", exc)

@@ -34,6 +34,7 @@ from llmos.syscalls.types import ContextInfo, Delta, KVInfo, SchedInfo
 
 from . import inbox as cmd
 from . import tunables
+from .account import KV_LIMIT
 from .policy import POLICIES
 
 log = logging.getLogger("llmos.loop")
@@ -52,9 +53,11 @@ class Snapshot:
 
 
 class EngineLoop:
-    def __init__(self, engine, procs, on_crash: Callable[[BaseException], None] | None = None):
+    def __init__(self, engine, procs, on_crash: Callable[[BaseException], None] | None = None,
+                 on_limit: Callable | None = None):
         self.engine, self.procs = engine, procs
         self.on_crash = on_crash
+        self.on_limit = on_limit or (lambda proc, call, msg: None)   # kv_blocks refusals
         self.crashed: BaseException | None = None
         self.inbox = cmd.Inbox()
         self.snapshot = Snapshot()
@@ -157,6 +160,7 @@ class EngineLoop:
                                     account=c.proc.acct, **c.sampling)
         except SyscallError as e:          # EngineError and its kinds
             self._forget(c)
+            self._refused(c, e.msg)
             c.call.error(e.code, e.msg)
             return
 
@@ -168,9 +172,15 @@ class EngineLoop:
         if out.finished:
             self._forget(c)
             if out.error:
+                self._refused(c, out.error)
                 c.call.error(out.error_code, out.error)
             else:
                 c.call.reply(out.completion)
+
+    def _refused(self, c: cmd.Add, msg: str) -> None:
+        """A call failed: the kernel audits a refusal by the process's kv_blocks limit."""
+        if msg.startswith(KV_LIMIT):
+            self.on_limit(c.proc, c.call, msg)
 
     def _forget(self, c: cmd.Add) -> None:
         with self.procs.lock:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import tunables
-from .account import Account
+from .account import KV_LIMIT, Account
 from .blocks import BlockManager
 from .policy import Fifo, Policy
 from .request import Request
@@ -293,7 +293,7 @@ class Scheduler:
                 else:
                     self.running.remove(req)
                     batch.refused.append(req)
-                    req.refusal = (f"kv_blocks limit ({req.account.limits.kv_blocks}) "
+                    req.refusal = (f"{KV_LIMIT} ({req.account.limits.kv_blocks}) "
                                    f"reached: this request alone needs more")
                 return False
             self.preempt(victim, batch)
@@ -405,7 +405,7 @@ class Scheduler:
             if not any(r.account is req.account for r in self.running):
                 self.waiting.remove(req)
                 batch.refused.append(req)
-                req.refusal = (f"kv_blocks limit ({req.account.limits.kv_blocks}) reached: "
+                req.refusal = (f"{KV_LIMIT} ({req.account.limits.kv_blocks}) reached: "
                                f"the process holds {req.account.resident} blocks in "
                                f"contexts that cannot be paged out, and this needs {grow}")
             return 0

@@ -235,8 +235,10 @@ def test_sched_shows_and_switches_the_policy(k):
 
 
 def test_refusals_and_changes_are_audited(k, home):
-    k.setrlimit(contexts=0, tokens_per_s=100)
+    k.setrlimit(contexts=0, tokens_per_s=100, kv_blocks=2)
     refused(lambda: k.context(), "ENOMEM")
+    assert refused(lambda: k.generate("12+47=", max_tokens=64), "ENOMEM").startswith(
+        "kv_blocks limit (2) exceeded")           # refused by the engine thread
     k.sched(k.sched().policy)
     audit = [json.loads(line) for line in Home(home).audit_log.read_text().splitlines()]
 
@@ -245,7 +247,10 @@ def test_refusals_and_changes_are_audited(k, home):
                  and fields.items() <= r.items()]
         assert found, f"no audit {event} record of pid {k.pid} with {fields}"
         return found[-1]
-    assert last("setrlimit", target=k.pid)["limits"] == {"contexts": 0, "tokens_per_s": 100}
+    assert last("setrlimit", target=k.pid)["limits"] == {"contexts": 0, "tokens_per_s": 100,
+                                                         "kv_blocks": 2}
+    assert last("limit", syscall="generate", code="ENOMEM")["reason"].startswith(
+        "kv_blocks limit (2) exceeded")
     assert last("limit", syscall="context_create", code="ENOMEM")["reason"].startswith(
         "contexts limit (0) reached")
     assert last("sched")["policy"] == k.sched().policy
