@@ -11,22 +11,13 @@ Each step gets a batch under a token budget (`schedule`), in this order:
 Requests that may not run now are skipped: a stopped process's (SIGSTOP), and a process's
 that spent its tokens_per_s (its token bucket refills; `wake_in` says when).
 
-Room, when the pool or the seats run short, is found in this order, cheapest to others
-first: a stopped process's requests are preempted; idle contexts are paged out (kernel/
-vm.py: least recently used first, not those used within the TTL); then, for a policy that
-displaces, the worst-ranked running request that the waiting one outranks by the policy's
-margin is preempted. When nothing could run otherwise (a running request left alone that
-cannot grow, or no waiting one fits), contexts used within the TTL page out too, and so
-does the KV that waiting requests' contexts hold; what still does not fit is refused.
-A process over its kv_blocks limit makes room from its own contexts and requests only, or
+Room, when the pool or the seats run short, is found by preemption, paging and
+displacement, cheapest to others first (kernel/preempt.py, a part of this class). A
+process over its kv_blocks limit makes room from its own contexts and requests only, or
 waits for its own requests to finish; a request that alone exceeds its limit is refused
-with ENOMEM.
-
-Preemption swaps the victim's KV out to the host pool when it is worth it (long enough, and
-the host pool has room), else drops it to be recomputed (largely from the prefix cache);
-its device blocks are freed and it waits again, keeping its rank. Block copies
-(copy-on-write, swap) go through the engine as soon as they are decided, so a block is
-always read before it can be freed and handed to someone else. Engine thread only.
+with ENOMEM. Block copies (copy-on-write, swap) go through the engine as soon as they are
+decided, so a block is always read before it can be freed and handed to someone else.
+Engine thread only.
 """
 from __future__ import annotations
 
@@ -34,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import tunables
 from .account import KV_LIMIT, Account
 from .blocks import BlockManager
 from .policy import Fifo, Policy
+from .preempt import Preemption
 from .request import Request
 from .swap import Swapper
 
@@ -53,7 +44,7 @@ class Batch:
         return sum(n for _, n in self.items)
 
 
-class Scheduler:
+class Scheduler(Preemption):
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  copy_blocks: Callable[[list[tuple[int, int]]], None],
                  swapper: Swapper | None = None, policy: Policy | None = None,
@@ -189,15 +180,6 @@ class Scheduler:
         self._admit(batch, self.max_num_batched_tokens, now, key, force=True)
         return len(batch.items) + len(batch.refused) > before
 
-    def _evict_waiting(self, keep: Request, account: Account | None = None) -> bool:
-        """Swap out or drop the device KV of waiting requests other than keep (of account
-        only, if given); whether any had some."""
-        holders = [r for r in self.waiting if r is not keep and r.seq.table.blocks
-                   and (account is None or r.account is account)]
-        for req in holders:
-            self._evict(req)
-        return bool(holders)
-
     def _account(self, batch: Batch, now: float) -> None:
         """Time queued and running, per process, since the last step."""
         dt, self._last = now - self._last, now
@@ -215,157 +197,11 @@ class Scheduler:
         acct.spend(generated)
         self.policy.charged(acct, prompt, generated)
 
-    # ---- room -----------------------------------------------------------------------
-    def _growth(self, table, n: int) -> int:
-        """Blocks more that table's account holds once n more slots are appended. Not
-        blocks_needed: a copy on write takes a block from the pool but replaces one in
-        the table (counted, it had a call whose limit was just enough refused)."""
-        return -(-(table.num_tokens + n) // self.blocks.block_size) - len(table.blocks)
-
-    def _over_limit(self, req: Request, blocks: int) -> bool:
-        limit = req.account.limits.kv_blocks
-        return limit is not None and req.account.resident + blocks > limit
-
-    def _make_room(self, req: Request, n: int, batch: Batch) -> bool:
-        """Let running `req` take n more slots: preempt (stopped first, then the worst
-        ranked) unscheduled requests until it can; within its own account when it is over
-        its kv_blocks limit. False when not: req waits, or when it is alone (`_alone`),
-        is refused."""
-        table = req.seq.table
-        grow = self._growth(table, n)
-        if not self._fits_limit(req, grow) and not self._yield_own(req, grow, batch):
-            return False
-        if self.blocks.can_append(table, n):
-            return True
-        if self.pager is not None and self.pager.reclaim(lambda: self.blocks.can_append(table, n)):
-            return True
-        scheduled = {id(r) for r, _ in batch.items}
-        while not self.blocks.can_append(table, n):
-            victim = self._victim(lambda r: r is not req and id(r) not in scheduled)
-            if victim is None:
-                return not batch.items and self._alone(req, n, batch)
-            self.preempt(victim, batch)
-        return True
-
-    def _alone(self, req: Request, n: int, batch: Batch) -> bool:
-        """Running req cannot grow, and nothing else runs or could be preempted: idle
-        contexts page out even within the TTL, and waiting requests' context KV goes.
-        If that is not enough, what holds the rest may never be taken (contexts, without
-        a pager): req is refused. (It preempted itself instead, and another took its
-        place: two requests that could not both fit beside a context pinned by the TTL
-        took turns, each a chunk at a time, and neither ever finished.)"""
-        enough = lambda: self.blocks.can_append(req.seq.table, n)     # noqa: E731
-        if self.pager is not None and self.pager.reclaim(enough, force=True):
-            return True
-        if self._evict_waiting(req) and enough():
-            return True
-        self._evict(req)            # what it held may go to others in this same step
-        self.running.remove(req)
-        batch.refused.append(req)
-        req.refusal = (f"out of KV memory: {len(req.seq.tokens)} tokens do not fit in the "
-                       f"{self.blocks.num_free_blocks} blocks that idle contexts leave")
-        return False
-
-    def _fits_limit(self, req: Request, grow: int) -> bool:
-        """Whether req may take `grow` more blocks under its account's kv_blocks limit, once
-        the account's idle contexts are paged out and, when none of its other requests
-        runs, its waiting requests' context KV is gone too (no pager may take that: the
-        contexts are busy; kept, it had req refused as if it alone needed more)."""
-        if not self._over_limit(req, grow):
-            return True
-        if self.pager is not None:
-            self.pager.reclaim(lambda: not self._over_limit(req, grow), account=req.account)
-        if self._over_limit(req, grow) and not any(
-                r.account is req.account and r is not req for r in self.running):
-            self._evict_waiting(req, req.account)
-        return not self._over_limit(req, grow)
-
-    def _yield_own(self, req: Request, grow: int, batch: Batch) -> bool:
-        """req's account is over its kv_blocks limit: its other unscheduled requests yield.
-        False when that is not enough: req itself waits (or, alone, fails)."""
-        scheduled = {id(r) for r, _ in batch.items}
-        while self._over_limit(req, grow):
-            victim = self._victim(lambda r: r is not req and r.account is req.account
-                                  and id(r) not in scheduled)
-            if victim is None:
-                if any(r.account is req.account and r is not req for r in self.running):
-                    self.preempt(req, batch)          # its own others will finish first
-                else:
-                    self.running.remove(req)
-                    batch.refused.append(req)
-                    req.refusal = (f"{KV_LIMIT} ({req.account.limits.kv_blocks}) "
-                                   f"reached: this request alone needs more")
-                return False
-            self.preempt(victim, batch)
-        return True
-
-    def _victim(self, eligible: Callable[[Request], bool]) -> Request | None:
-        """The running request to preempt: a stopped one first, else the worst ranked."""
-        stopped = [r for r in self.running if r.stopped and eligible(r)]
-        if stopped:
-            return stopped[-1]
-        return next((r for r in reversed(self.running) if eligible(r)), None)
-
     def _append(self, req: Request, n: int, batch: Batch) -> None:
         copies = self.blocks.append_slots(req.seq.table, n)
         if copies:
             self.copy_blocks(copies)
         batch.items.append((req, n))
-
-    def preempt(self, req: Request, batch: Batch) -> None:
-        """Swap the request's KV out when it is worth it, else drop it; it waits again."""
-        batch.preempted.add(id(req))
-        self.running.remove(req)
-        self._evict(req)
-        self.waiting.append(req)
-        req.account.preemptions += 1
-        self.num_preemptions += 1
-
-    def _evict(self, req: Request) -> None:
-        """Free req's device KV: swapped out when it is worth it, else dropped."""
-        table = req.seq.table
-        if self.swapper is not None and table.num_tokens >= tunables.SWAP_MIN_TOKENS \
-                and self.swapper.can_swap_out(table):
-            req.swapped = self.swapper.swap_out(table)
-            req.account.swaps += len(req.swapped.blocks)
-        self.blocks.free(table)
-
-    def _evict_stopped(self, batch: Batch, enough: Callable[[], bool]) -> bool:
-        """Preempt stopped running requests until enough(): a stopped process keeps its
-        KV and its seat only while nobody waiting needs them."""
-        while not enough():
-            victim = next((r for r in reversed(self.running) if r.stopped), None)
-            if victim is None:
-                return False
-            self.preempt(victim, batch)
-        return True
-
-    def _displace(self, req: Request, batch: Batch, now: float,
-                  enough: Callable[[], bool]) -> bool:
-        """For a policy that displaces: preempt running requests that waiting `req`
-        outranks by the policy's margin, worst first, until enough()."""
-        if not self.policy.displaces:
-            return enough()
-        rank, margin = self.policy.rank, self.policy.margin
-        mine = rank(req, now)
-        scheduled = {id(r) for r, _ in batch.items}
-        while not enough():
-            victim = self._victim(lambda r: id(r) not in scheduled
-                                  and rank(r, now) > mine + margin)
-            if victim is None:
-                return False
-            self.preempt(victim, batch)
-        return True
-
-    def _room(self, req: Request, batch: Batch, now: float, enough: Callable[[], bool],
-              force: bool = False) -> bool:
-        """Stopped requests, idle contexts (by the TTL, unless force), then displaced ones,
-        until enough()."""
-        if self._evict_stopped(batch, enough):
-            return True
-        if self.pager is not None and self.pager.reclaim(enough, force=force):
-            return True
-        return self._displace(req, batch, now, enough)
 
     # ---- admission ------------------------------------------------------------------
     def _admit(self, batch: Batch, budget: int, now: float, key, force: bool = False) -> int:
