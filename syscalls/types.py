@@ -171,11 +171,6 @@ class Limits(Record):
 
     NAMES: ClassVar[tuple] = ("calls", "kv_blocks", "contexts", "children", "tokens_per_s")
 
-    def lower(self, other: "Limits") -> "Limits":
-        """The tighter of self and other, limit by limit (None is no limit)."""
-        pick = lambda a, b: b if a is None else a if b is None else min(a, b)   # noqa: E731
-        return Limits(**{n: pick(getattr(self, n), getattr(other, n)) for n in self.NAMES})
-
     def raises(self, other: "Limits") -> list[str]:
         """The names of the limits that `other` sets higher than self (or lifts)."""
         return [n for n in self.NAMES if getattr(self, n) is not None
