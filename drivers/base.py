@@ -6,6 +6,12 @@ D head size. A KV cache is, per layer, a pair (k_cache, v_cache), each
 [num_blocks, block_size, Hkv, D]; a slot is block * block_size + offset. The swap pool
 has the same layout in host memory; a block moves between the two whole, every layer.
 
+Beyond attention the driver owns the model's heavy ops (prepare_linear / linear, rms_norm,
+rope, silu_and_mul, embed), so it can choose their backend: prepacked or quantized
+weights, fused kernels. The defaults here are plain torch with the numerics of
+transformers' reference (RMSNorm in float32, rotate-half rope), so a new driver works as
+soon as it implements the KV ops, and overrides only what it accelerates.
+
 A driver registers through the entry-point group `llmos.drivers` (see registry.py), and
 is checked there: it must subclass Driver, name itself, declare its device, and leave no
 abstract method unimplemented.
@@ -49,6 +55,21 @@ class Capabilities:
                              f"(supported: {allowed})")
 
 
+@dataclass(frozen=True)
+class LinearWeight:
+    """A Linear layer's weight in the form its driver computes with (prepare_linear).
+
+    `weight` is the driver's own: the [out, in] tensor as given, or a prepacked, converted
+    or quantized form only that driver's `linear` reads. `bias` is [out] or None.
+    """
+    weight: Tensor
+    bias: Tensor | None
+    in_features: int
+    out_features: int
+    dtype: torch.dtype    # the dtype linear() takes and returns
+    nbytes: int           # memory the prepared weight and bias hold
+
+
 class Driver(ABC):
     # Declared by every driver class; the registry refuses a class without them.
     name: str              # the name get_driver() knows it by (its entry-point name)
@@ -72,6 +93,10 @@ class Driver(ABC):
 
     def synchronize(self) -> None:
         """Wait until every queued op on the device has finished (no-op where ops are eager)."""
+
+    def preferred_dtype(self) -> tuple[torch.dtype, str]:
+        """The dtype dtype="auto" loads weights and KV in, and why, in words for sysinfo."""
+        return torch.float32, "the driver knows no faster dtype"
 
     # ---- memory: the KV pool on the device, the swap pool on the host ------------------
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int,
@@ -161,6 +186,63 @@ class Driver(ABC):
             v_cache.index_fill_(0, blocks, float("nan"))
 
 
+    # ---- model ops: what a forward pass needs besides attention -------------------------
+    # x: [T, C] (T tokens of the flattened batch); every op returns in x's dtype.
+
+    def prepare_linear(self, weight: Tensor, bias: Tensor | None = None) -> LinearWeight:
+        """Prepare a Linear layer at load: weight [out, in], bias [out] or None, both on
+        self.device in the model's dtype. The driver may keep, prepack, convert or
+        quantize them; the caller drops its own references after. Raises ValueError on
+        shapes that do not match."""
+        out_features, in_features = _check_linear(weight, bias)
+        weight = weight.contiguous()
+        nbytes = _nbytes(weight) + (_nbytes(bias) if bias is not None else 0)
+        return LinearWeight(weight, bias, in_features, out_features, weight.dtype, nbytes)
+
+    def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
+        """x [T, in] -> x @ weight.T + bias: [T, out], in x's dtype."""
+        return torch.nn.functional.linear(x, w.weight, w.bias)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float,
+                 residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """RMSNorm over the last dim: x [..., C], weight [C].
+
+        Without residual, returns weight * normalize(x). With residual [..., C], the add
+        is fused: h = x + residual, returns (weight * normalize(h), h), h being the next
+        residual. normalize runs in float32 and rounds to x's dtype before the weight
+        multiplies (transformers' order, so float32 outputs are bit-identical to it).
+        """
+        if residual is not None:
+            x = x + residual
+            return self.rms_norm(x, weight, eps), x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+        """Rotary embedding, in place, rotate-half (GPT-NeoX) layout: q [T, H, D],
+        k [T, Hkv, D]; cos, sin [T, D/2] in q's dtype (the model computes the angles, so
+        rope scaling stays the model's). For each head: with x1, x2 the two halves,
+        x1 <- x1*cos - x2*sin, x2 <- x2*cos + x1*sin."""
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        for x in (q, k):
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
+            r1 = x1 * cos - x2 * sin
+            r2 = x2 * cos + x1 * sin
+            x1.copy_(r1)
+            x2.copy_(r2)
+
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        """x [T, 2I] (gate, then up) -> silu(gate) * up: [T, I]."""
+        half = x.shape[-1] // 2
+        return torch.nn.functional.silu(x[..., :half]) * x[..., half:]
+
+    def embed(self, ids: Tensor, table: Tensor) -> Tensor:
+        """Rows of table [V, C] for ids [T] int64: [T, C]."""
+        return torch.nn.functional.embedding(ids, table)
+
+
 def parse_size(value: int | str, what: str = "size") -> int:
     """512M, 1.5G, 4096 -> bytes; ValueError naming `what` and the value otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -198,6 +280,18 @@ def _zero_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     # As bytes, then reinterpreted: frombuffer reads any buffer as uint8, whatever the dtype.
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _check_linear(weight: Tensor, bias: Tensor | None) -> tuple[int, int]:
+    if weight.dim() != 2:
+        raise ValueError(f"linear weight must be [out, in], got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    return weight.shape[0], weight.shape[1]
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _pair(src: Blocks, src_device: torch.device, dst: Blocks,

@@ -14,7 +14,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Driver
+from .base import Driver, LinearWeight
+
+CPU_FLAGS_FILE = "/proc/cpuinfo"
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # either makes bf16 GEMMs faster than fp32 ones
+
+
+def cpu_flags(path: str = CPU_FLAGS_FILE) -> frozenset[str]:
+    """The first CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_support(flags: frozenset[str] | None = None) -> tuple[bool, str]:
+    """(True, why) when this CPU computes bf16 natively, else (False, why not)."""
+    flags = cpu_flags() if flags is None else flags
+    have = [f for f in BF16_FLAGS if f in flags]
+    if have:
+        return True, f"the CPU has {' and '.join(f.upper().replace('_', '-') for f in have)}"
+    return False, "the CPU has neither AVX512-BF16 nor AMX-BF16 (bf16 would be emulated, slower)"
 
 
 class CpuDriver(Driver):
@@ -35,6 +59,33 @@ class CpuDriver(Driver):
     @classmethod
     def is_available(cls) -> bool:
         return True
+
+    def preferred_dtype(self) -> tuple[torch.dtype, str]:
+        ok, why = bf16_support()
+        return (torch.bfloat16 if ok else torch.float32), why
+
+    # ---- Linear layers through oneDNN ----------------------------------------------------
+    # torch's default F.linear goes to MKL, which on AMD CPUs reaches about half the GEMM
+    # rate of oneDNN and streams weights at decode shapes far below memory bandwidth.
+    # oneDNN with its weights reordered once at load (its blocked layout) does better at
+    # every shape measured (bench/peers.py). Where oneDNN cannot take the dtype (bf16 on a
+    # CPU without AVX-512), the base class's F.linear serves.
+
+    def prepare_linear(self, weight: Tensor, bias: Tensor | None = None) -> LinearWeight:
+        plain = super().prepare_linear(weight, bias)
+        packed = _mkldnn_pack(plain.weight)
+        if packed is None:
+            return plain
+        return LinearWeight(packed, plain.bias, plain.in_features, plain.out_features,
+                            plain.dtype, plain.nbytes)
+
+    def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
+        if not w.weight.is_mkldnn:
+            return super().linear(x, w)
+        if x.dim() != 2 or not x.is_contiguous():
+            return self.linear(x.reshape(-1, w.in_features).contiguous(), w).view(
+                *x.shape[:-1], w.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, w.weight, w.bias, "none", [], "")
 
     def memory_info(self) -> tuple[int, int]:
         mem = psutil.virtual_memory()
@@ -67,6 +118,16 @@ class CpuDriver(Driver):
             o = _attend(q, k_cache, v_cache, g, scale, self.poisoned)   # [S, max_q, H, D]
             out[g.out_rows] = o.view(-1, *q.shape[1:])[g.real]
         return out
+
+
+def _mkldnn_pack(weight: Tensor) -> Tensor | None:
+    """weight [out, in] reordered for oneDNN, or None where oneDNN cannot take it."""
+    if not (torch.backends.mkldnn.is_available() and weight.dtype in (torch.float32, torch.bfloat16)):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    except RuntimeError:      # e.g. bf16 on a CPU without AVX-512: "bf16 path needs ..."
+        return None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Booting the kernel: `llmos up` runs `boot`, which reads as the table of contents.
 
     python -m llmos.kernel [--home DIR] [--model tiny] [--driver cpu] [--kv-memory 512M]
-                           [--listen tcp://HOST:PORT [--no-curve]] [--sched NAME]
+                           [--listen tcp://HOST:PORT [--no-curve]] [--sched NAME] [--dtype D]
                            [--kv-ttl SECONDS] [--kv-disk SIZE] [--kv-swap SIZE] [--no-kv-paging]
                            [--limit NAME=VALUE ...]
 
@@ -34,7 +34,7 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
          agent_user: str | None = None, listen: str | None = None, curve: bool = True,
          max_agents: int | None = None, sched: str | None = None, kv_ttl: float | None = None,
          kv_disk: str | int | None = None, default_limits: dict | None = None,
-         kv_paging: bool = True, kv_swap: str | int | None = None) -> int:
+         kv_paging: bool = True, kv_swap: str | int | None = None, dtype: str | None = None) -> int:
     """Boot, serve until told to stop, shut down. Returns the exit status. agent_user: the
     user agents run as (kernel/agentuser.py; root only), else the kernel's own uid.
     listen: a tcp endpoint served besides the home's socket, with CURVE unless not curve.
@@ -42,7 +42,8 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     sched, kv_ttl, kv_disk: the engine's scheduling policy, how long an idle context stays
     resident, the disk tier's size (in HOME/kv/); None: the engine's defaults. kv_paging
     False: idle contexts stay resident (a baseline for bench/agent_workload.py). kv_swap:
-    the host swap pool's size (default: half the device pool's blocks).
+    the host swap pool's size (default: half the device pool's blocks). dtype: "auto"
+    (None) or a dtype name for the weights and KV (load.pick_dtype).
     default_limits: {name: value, None: no limit} over the kernel-wide defaults."""
     from .engine import Engine
     from .kernel import Supervisor
@@ -60,7 +61,7 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
         engine = Engine.from_pretrained(model, driver=driver,   # 2. the model, KV pool, policy
                                         kv_memory=kv_memory, kv_paging=kv_paging,
                                         **_engine_options(lock, sched, kv_ttl, kv_disk,
-                                                          kv_swap))
+                                                          kv_swap, dtype))
         _inject_faults(engine)
         kernel = Supervisor(home, engine, str(model), token,     # 3. processes, engine loop
                             agent_user=user, max_agents=max_agents,
@@ -94,10 +95,11 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     return 1 if kernel.dead.is_set() else 0
 
 
-def _engine_options(lock, sched, kv_ttl, kv_disk, kv_swap) -> dict:
+def _engine_options(lock, sched, kv_ttl, kv_disk, kv_swap, dtype=None) -> dict:
     """The engine's options that were given (the rest take the engine's defaults); a disk
     tier gets the home's private kv/ directory."""
-    given = {"policy": sched, "kv_ttl": kv_ttl, "kv_disk": kv_disk, "kv_swap": kv_swap}
+    given = {"policy": sched, "kv_ttl": kv_ttl, "kv_disk": kv_disk, "kv_swap": kv_swap,
+             "dtype": dtype}
     if kv_disk is not None:
         lock.private_dir(lock.home.kv_dir)
         given["kv_disk_dir"] = lock.home.kv_dir
@@ -211,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sched", default=None, metavar="NAME",
                     help=f"scheduling policy (default {tunables.DEFAULT_POLICY}); `llmos "
                          f"sched` lists them and switches it later")
+    ap.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weights and KV dtype (default auto: bfloat16 where the hardware "
+                         "computes it natively, else float32)")
     ap.add_argument("--kv-ttl", type=_seconds, default=None, metavar="SECONDS",
                     help=f"seconds an idle context's KV stays resident before it may be "
                          f"paged out (default {tunables.KV_TTL:g})")
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
                     agent_user=args.agent_user, listen=args.listen, curve=args.curve,
                     max_agents=args.max_agents, sched=args.sched, kv_ttl=args.kv_ttl,
                     kv_disk=args.kv_disk, default_limits=dict(args.limit),
-                    kv_paging=args.kv_paging, kv_swap=args.kv_swap)
+                    kv_paging=args.kv_paging, kv_swap=args.kv_swap, dtype=args.dtype)
     except (HomeError, ValueError) as e:       # CheckpointError and bad options are ValueErrors
         print(f"llmos kernel: {e}", file=sys.stderr)
         return 2

@@ -56,11 +56,13 @@ class Engine(ContextCalls):
                  max_model_len: int, num_swap_blocks: int = 0,
                  enable_prefix_caching: bool = True, poison: bool = False,
                  policy: str = tunables.DEFAULT_POLICY, kv_ttl: float = tunables.KV_TTL,
-                 kv_disk_blocks: int = 0, kv_disk_dir=None, kv_paging: bool = True):
+                 kv_disk_blocks: int = 0, kv_disk_dir=None, kv_paging: bool = True,
+                 dtype_reason: str = ""):
         cfg = model.config
         self.model, self.tokenizer, self.driver = model, tokenizer, driver
         self.config, self.max_model_len, self.block_size = cfg, max_model_len, block_size
-        dtype = next(model.parameters()).dtype
+        dtype = model.dtype
+        self.dtype_reason = dtype_reason      # why this dtype (load.pick_dtype), for sysinfo
         layout = dict(num_layers=cfg.num_hidden_layers, block_size=block_size,
                       num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype)
         self.kv_caches = driver.allocate_kv_cache(num_blocks=num_blocks, **layout)

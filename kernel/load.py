@@ -23,17 +23,19 @@ def resolve_model(path_or_name: str | os.PathLike) -> Path:
     return EMBEDDED.get(str(path_or_name), Path(path_or_name))
 
 
-def pick_dtype(requested: str | torch.dtype | None, stored: str, device: torch.device):
-    """The checkpoint's dtype unless asked otherwise; half precision becomes float32 on the
-    CPU, where half-precision matmuls are slow and less exact."""
+def pick_dtype(requested: str | torch.dtype | None, driver) -> tuple[torch.dtype, str]:
+    """(dtype, why) for the weights and the KV pool. "auto" (or None) is the driver's
+    fastest dtype: bfloat16 where the hardware computes it natively (a CPU with
+    AVX512-BF16 or AMX, most GPUs), float32 elsewhere, whatever the checkpoint stores.
+    A dtype name or torch.dtype is taken as asked. ValueError for an unknown name."""
     if isinstance(requested, torch.dtype):
-        return requested
-    name = requested or stored or "float32"
-    if name not in DTYPES:
-        raise ValueError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
-    if requested is None and device.type == "cpu":
-        return torch.float32
-    return DTYPES[name]
+        return requested, "asked"
+    if requested in (None, "auto"):
+        dtype, why = driver.preferred_dtype()
+        return dtype, f"auto: {why}"
+    if requested not in DTYPES:
+        raise ValueError(f"dtype: {requested!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[requested], "asked"
 
 
 def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
@@ -47,6 +49,8 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
                 kv_disk_blocks: int | None = None, kv_swap: int | str | None = None):
     """Load a model directory onto a driver; raise CheckpointError naming what is wrong.
 
+    dtype: "auto" (None), "float32", "bfloat16", "float16" or a torch.dtype (pick_dtype).
+
     num_blocks defaults to what kv_memory (bytes or "512M") holds; without kv_memory, to a
     share of the device's free memory, but no more than a full batch of full-length
     sequences needs. num_swap_blocks, the host swap pool, defaults to what kv_swap (bytes
@@ -58,8 +62,8 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
     drv = get_driver(driver) if isinstance(driver, str) else driver
     mdir = open_model_dir(resolve_model(path_or_name))
     cfg = mdir.config
-    torch_dtype = pick_dtype(dtype, cfg.torch_dtype, drv.device)
-    model = CausalLM.from_weights(cfg, load_weights(mdir.path, cfg, torch_dtype), drv.device)
+    torch_dtype, dtype_reason = pick_dtype(dtype, drv)
+    model = CausalLM.from_weights(cfg, load_weights(mdir.path, cfg, torch_dtype), drv)
     if block_size < 1 or (num_blocks is not None and num_blocks < 1):
         raise ValueError(f"KV pool: {num_blocks} blocks of {block_size} tokens is too small")
     max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
@@ -83,7 +87,8 @@ def load_engine(cls, path_or_name, *, driver="cpu", dtype=None, kv_memory=None,
                enable_prefix_caching=enable_prefix_caching, poison=poison,
                policy=policy or tunables.DEFAULT_POLICY,
                kv_ttl=tunables.KV_TTL if kv_ttl is None else kv_ttl,
-               kv_disk_blocks=kv_disk_blocks or 0, kv_disk_dir=kv_disk_dir, kv_paging=kv_paging)
+               kv_disk_blocks=kv_disk_blocks or 0, kv_disk_dir=kv_disk_dir, kv_paging=kv_paging,
+               dtype_reason=dtype_reason)
 
 
 def _block_bytes(cfg, block_size, dtype) -> int:

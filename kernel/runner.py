@@ -48,7 +48,7 @@ class ModelRunner:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device))
         hidden = self.model(torch.tensor(ids, device=device),
                             torch.tensor(positions, device=device),
-                            self.kv_caches, batch, self.driver)
+                            self.kv_caches, batch)
         if not sampling:
             return sampling, None
         return sampling, self.model.logits(hidden[torch.tensor(rows, device=device)]).cpu()

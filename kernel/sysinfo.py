@@ -20,7 +20,9 @@ def _release() -> str:
 def sys_sysinfo(k, call, a):
     e, stats, user = k.engine, k.loop.snapshot.stats, k.procs.user
     return SysInfo(version=1, release=_release(), driver=e.driver.name,
-                   device=str(e.driver.device), model=k.model_name, procs=len(k.procs.procs()),
+                   device=str(e.driver.device), model=k.model_name,
+                   dtype=str(e.model.dtype).removeprefix("torch."), dtype_reason=e.dtype_reason,
+                   procs=len(k.procs.procs()),
                    uptime=round(time.time() - k.started, 3), steps=stats.get("steps", 0),
                    computed_tokens=stats.get("computed_tokens", 0),
                    generated_tokens=stats.get("generated_tokens", 0),
@@ -45,4 +47,5 @@ def sys_models(k, call, a):
         name=k.model_name, path=str(resolve_model(k.model_name).resolve()),
         model_type=c.model_type, layers=c.num_hidden_layers, hidden=c.hidden_size,
         heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, vocab=c.vocab_size,
-        max_len=e.max_model_len, dtype=str(next(e.model.parameters()).dtype).removeprefix("torch."))]}
+        max_len=e.max_model_len, dtype=str(e.model.dtype).removeprefix("torch."),
+        dtype_reason=e.dtype_reason, weight_bytes=e.model.weight_bytes)]}

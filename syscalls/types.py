@@ -228,6 +228,8 @@ class ModelInfo(Record):
     vocab: int = 0
     max_len: int = 0              # context length the kernel serves
     dtype: str = ""
+    dtype_reason: str = ""        # "asked", or why "auto" chose dtype
+    weight_bytes: int = 0         # memory the weights hold, as the driver prepared them
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,8 @@ class SysInfo(Record):
     driver: str = ""              # the driver in use (never "auto")
     device: str = ""
     model: str = ""
+    dtype: str = ""               # the model's weights and KV
+    dtype_reason: str = ""        # "asked", or why "auto" chose it
     procs: int = 0
     uptime: float = 0.0
     steps: int = 0                # engine steps run

@@ -38,6 +38,9 @@ KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first mov
                    "memory, 16 to 1024); a spawn past it is EAGAIN.")
 @click.option("--sched", default=None, metavar="NAME",
               help="Scheduling policy (default fair); `llmos sched` lists them and switches it.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default=None, help="Weights and KV dtype (default auto: bfloat16 where the "
+                                 "hardware computes it natively, else float32).")
 @click.option("--kv-ttl", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Seconds an idle context's KV stays resident before it may be paged out.")
 @click.option("--kv-disk", default=None, metavar="SIZE",
@@ -51,7 +54,7 @@ KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first mov
               metavar="NAME=VALUE", help="A default limit of the processes without a parent "
                                          "(their children inherit it). " + LIMIT_HELP)
 def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max_agents,
-       sched, kv_ttl, kv_disk, kv_swap, no_kv_paging, limits) -> None:
+       sched, dtype, kv_ttl, kv_disk, kv_swap, no_kv_paging, limits) -> None:
     """Boot the kernel on MODEL (in the foreground unless -d). Refuses a home whose
     kernel is running."""
     from llmos.syscalls.home import Home
@@ -62,7 +65,7 @@ def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max
                                    f"`llmos down --home {h.path}` stops it")
     argv = kernel_argv(h, model, driver, kv_memory, agent_user) + _listen_argv(listen, no_curve)
     argv += ["--max-agents", str(max_agents)] if max_agents else []
-    argv += _options(sched=sched, kv_ttl=kv_ttl, kv_disk=kv_disk, kv_swap=kv_swap)
+    argv += _options(sched=sched, dtype=dtype, kv_ttl=kv_ttl, kv_disk=kv_disk, kv_swap=kv_swap)
     argv += ["--no-kv-paging"] if no_kv_paging else []
     argv += [a for name, value in limits.items() for a in ("--limit", f"{name}={value}")]
     if not detach:

@@ -101,12 +101,12 @@ def limits_text(limits) -> str:
 # ---- models, sysinfo, syscalls -------------------------------------------------------
 
 MODEL_HEADER = ["NAME", "TYPE", "LAYERS", "HIDDEN", "HEADS", "KV_HEADS", "VOCAB", "DTYPE",
-                "MAX_LEN", "PATH"]
+                "WEIGHTS", "MAX_LEN", "PATH"]
 
 
 def models_text(models) -> str:
     rows = [[m.name, m.model_type, m.layers, m.hidden, m.heads, m.kv_heads, m.vocab, m.dtype,
-             m.max_len, m.path] for m in models]
+             size(m.weight_bytes), m.max_len, m.path] for m in models]
     return columns(MODEL_HEADER, rows, left=("NAME", "TYPE", "DTYPE", "PATH"))
 
 

@@ -1,18 +1,22 @@
 """The decoder of the Llama family (llama, mistral, qwen2, qwen3) over a paged KV cache.
 
-One module tree with Hugging Face parameter names, so a checkpoint's state dict loads
-as it is. The forward pass takes the whole batch flattened into T tokens; attention
-reads and writes the KV pool only through the driver's `store_kv` / `paged_attention`.
-The numerics follow transformers' reference (RMSNorm in float32, rotary embedding from
-float32 angles) so that greedy outputs are token-identical on the same weights.
+Weights arrive with Hugging Face names (the loader has checked them) and are handed to the
+driver at load: each Linear becomes the driver's prepared form (prepare_linear may
+prepack, convert or quantize it), with q/k/v fused into one GEMM and gate/up into
+another. The forward pass takes the whole batch flattened into T tokens and calls only
+driver ops: embed, rms_norm (fused with the residual add), linear, rope, silu_and_mul,
+store_kv and paged_attention. The default ops follow transformers' numerics (RMSNorm in
+float32, rotary angles in float32), so float32 greedy outputs are token-identical on the
+same weights.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.nn import functional as F
+from torch import Tensor
+
+from llmos.drivers.base import LinearWeight
 
 from ..config import ModelConfig, rope_inv_freq
 
@@ -20,138 +24,124 @@ from ..config import ModelConfig, rope_inv_freq
 @dataclass
 class AttentionBatch:
     """Where this step's tokens go in the KV pool and what they attend to (DESIGN.md, Drivers)."""
-    slot_mapping: torch.Tensor     # [T] int64: block * block_size + offset of each new token
-    block_tables: torch.Tensor     # [S, max_blocks] int32
-    seq_lens: torch.Tensor         # [S] int32: tokens in the cache per sequence, new ones included
-    query_start_loc: torch.Tensor  # [S+1] int32: prefix sums of new tokens per sequence
+    slot_mapping: Tensor     # [T] int64: block * block_size + offset of each new token
+    block_tables: Tensor     # [S, max_blocks] int32
+    seq_lens: Tensor         # [S] int32: tokens in the cache per sequence, new ones included
+    query_start_loc: Tensor  # [S+1] int32: prefix sums of new tokens per sequence
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; cos, sin: [T, 1, D]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+@dataclass
+class Layer:
+    """One decoder layer's weights, prepared by the driver."""
+    input_norm: Tensor               # [C]
+    qkv: LinearWeight                # C -> (H + 2 Hkv) D: q, k, v in one GEMM
+    q_norm: Tensor | None            # [D] (qwen3's per-head norm) or None
+    k_norm: Tensor | None
+    o: LinearWeight                  # H D -> C
+    post_norm: Tensor                # [C]
+    gate_up: LinearWeight            # C -> 2 I: gate, then up
+    down: LinearWeight               # I -> C
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size,
-                                bias=cfg.attention_out_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.scale = self.head_dim ** -0.5
-
-    def forward(self, x, cos, sin, kv_cache, batch: AttentionBatch, driver) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)      # q: [T, H, D]
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)   # k: [T, Hkv, D]
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)   # v: [T, Hkv, D]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = kv_cache
-        driver.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        o = driver.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
-                                   batch.query_start_loc, self.scale)   # o: [T, H, D]
-        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        bias = cfg.mlp_bias
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, kv_cache, batch, driver):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch, driver)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        # Built only to adopt checkpoint weights: an explicit (meta) weight skips the random
-        # init, whose normal_ on meta tensors imports torch._dynamo (~2.7 s of every boot).
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class CausalLM(nn.Module):
+class CausalLM:
     """`forward` runs the decoder over a flattened batch; `logits` projects chosen rows."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    def __init__(self, cfg: ModelConfig, driver, embed: Tensor, layers: list[Layer],
+                 norm: Tensor, head: LinearWeight):
+        self.config, self.driver = cfg, driver
+        self.embed, self.layers, self.norm, self.head = embed, layers, norm, head
+        self.dtype = embed.dtype
+        self.inv_freq = rope_inv_freq(cfg).to(driver.device)                 # [D/2] float32
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.heads, self.split, self.scale = (H, Hkv, D), [H * D, Hkv * D, Hkv * D], D ** -0.5
 
     @classmethod
-    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor],
-                     device: torch.device) -> "CausalLM":
-        """Build on the meta device and adopt `weights` (HF names, already checked by the loader)."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        if cfg.tie_word_embeddings:
-            weights = {n: t for n, t in weights.items() if n != "lm_head.weight"}
-        weights = {n: t.to(device) for n, t in weights.items()}
-        model.load_state_dict(weights, strict=False, assign=True)
-        model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
-        missing = [n for n, p in model.named_parameters() if p.is_meta]
-        if missing:
-            raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:5])}")
-        return model.eval().requires_grad_(False)
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, Tensor], driver) -> "CausalLM":
+        """Adopt `weights` (HF names, checked by the loader; consumed) onto the driver.
+        Raises ValueError naming a weight the checkpoint lacks."""
+        device = driver.device
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list, batch: AttentionBatch, driver) -> torch.Tensor:
+        def take(name: str, optional: bool = False) -> Tensor | None:
+            t = weights.pop(name, None)
+            if t is None and not optional:
+                raise ValueError(f"checkpoint lacks weights: {name}")
+            return None if t is None else t.to(device)
+
+        def linear(prefix: str, names: list[str], bias: bool) -> LinearWeight:
+            ws = [take(f"{prefix}{n}.weight") for n in names]
+            bs = [take(f"{prefix}{n}.bias") for n in names] if bias else None
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)
+            b = None if bs is None else bs[0] if len(bs) == 1 else torch.cat(bs)
+            del ws, bs
+            return driver.prepare_linear(w, b)
+
+        embed = take("model.embed_tokens.weight")
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            layers.append(Layer(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=linear(p + "self_attn.", ["q_proj", "k_proj", "v_proj"], cfg.attention_bias),
+                q_norm=take(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
+                k_norm=take(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
+                o=linear(p + "self_attn.", ["o_proj"], cfg.attention_out_bias),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=linear(p + "mlp.", ["gate_proj", "up_proj"], cfg.mlp_bias),
+                down=linear(p + "mlp.", ["down_proj"], cfg.mlp_bias)))
+        norm = take("model.norm.weight")
+        head_weight = embed if cfg.tie_word_embeddings else take("lm_head.weight")
+        weights.pop("lm_head.weight", None)      # tied: the embedding serves
+        return cls(cfg, driver, embed, layers, norm, driver.prepare_linear(head_weight))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the prepared weights hold (a tied head prepared apart counts twice)."""
+        def size(t):
+            return 0 if t is None else t.numel() * t.element_size()
+        total = size(self.embed) + size(self.norm) + self.head.nbytes
+        for layer in self.layers:
+            total += sum(size(t) for t in (layer.input_norm, layer.post_norm, layer.q_norm,
+                                           layer.k_norm))
+            total += layer.qkv.nbytes + layer.o.nbytes + layer.gate_up.nbytes + layer.down.nbytes
+        return total
+
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list,
+                batch: AttentionBatch) -> Tensor:
         """input_ids, positions: [T]; returns the final hidden states [T, hidden]."""
-        x = self.model.embed_tokens(input_ids)                          # x: [T, hidden]
-        angles = positions.float()[:, None] * self.inv_freq[None, :]    # [T, D/2]
-        emb = torch.cat((angles, angles), dim=-1)[:, None, :]           # [T, 1, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, batch, driver)
-        return self.model.norm(x)
+        d, eps = self.driver, self.config.rms_norm_eps
+        x = d.embed(input_ids, self.embed)                                   # x: [T, C]
+        angles = positions.float()[:, None] * self.inv_freq[None, :]        # [T, D/2]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            if residual is None:
+                h, residual = d.rms_norm(x, layer.input_norm, eps), x
+            else:
+                h, residual = d.rms_norm(x, layer.input_norm, eps, residual)
+            x = self.attention(layer, h, cos, sin, kv_cache, batch)
+            h, residual = d.rms_norm(x, layer.post_norm, eps, residual)
+            x = d.linear(d.silu_and_mul(d.linear(h, layer.gate_up)), layer.down)
+        if residual is None:
+            return d.rms_norm(x, self.norm, eps)
+        return d.rms_norm(x, self.norm, eps, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    __call__ = forward
+
+    def attention(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor, kv_cache,
+                  batch: AttentionBatch) -> Tensor:
+        d, eps = self.driver, self.config.rms_norm_eps
+        (H, Hkv, D), T = self.heads, x.shape[0]
+        q, k, v = d.linear(x, layer.qkv).split(self.split, dim=-1)
+        q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)   # views of one GEMM
+        if layer.q_norm is not None:
+            q, k = d.rms_norm(q, layer.q_norm, eps), d.rms_norm(k, layer.k_norm, eps)
+        d.rope(q, k, cos, sin)
+        k_cache, v_cache = kv_cache
+        d.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        o = d.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
+                              batch.query_start_loc, self.scale)            # o: [T, H, D]
+        return d.linear(o.reshape(T, H * D), layer.o)
+
+    def logits(self, hidden: Tensor) -> Tensor:
         """hidden: [S, hidden] -> float32 logits [S, vocab]."""
-        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings \
-            else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        return self.driver.linear(hidden, self.head).float()

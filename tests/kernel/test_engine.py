@@ -54,6 +54,7 @@ def driver(request, monkeypatch):
 def engine_for(path, **kw) -> Engine:
     kw.setdefault("num_blocks", 64)
     kw.setdefault("driver", DRIVER)
+    kw.setdefault("dtype", "float32")   # token identity with transformers is a float32 promise
     return Engine.from_pretrained(str(path), poison=True, **kw)
 
 
@@ -235,7 +236,7 @@ def test_embedded_tiny_matches_transformers_and_answers():
 
     from llmos.kernel.load import resolve_model
     from llmos.kernel.tiny import tasks
-    engine = Engine.from_pretrained("tiny", poison=True, driver=DRIVER)
+    engine = Engine.from_pretrained("tiny", poison=True, driver=DRIVER, dtype="float32")
     assert engine.config.num_key_value_heads < engine.config.num_attention_heads
     cases = [ex + (task,) for task in tasks.TASKS for ex in tasks.examples(task, 4, "test")]
     prompts = [engine.tokenizer.encode_chat(p) if isinstance(p, list) else engine.tokenizer.encode(p)
