@@ -1,15 +1,20 @@
-"""The cuda driver on a real GPU, in one run: the Triton kernels against torch, the
-bandwidth paged decode attention reaches, and the engine against transformers.
+"""The cuda driver on a real GPU, in one run: the Triton kernels against torch, the model
+ops' speed against torch's, the bandwidth paged decode attention reaches, and the engine
+against transformers.
 
     .venv/bin/python bench/gpu_check.py [--batch 64] [--context 4096] [--new-tokens 128]
 
 1. Kernels: store_kv, paged_attention (decode, prefill, chunked prefill, mixed; GQA 1 to 8;
    float32 and bfloat16; split-K off and forced), copy_blocks, swap out and in, and NaN in
    free blocks, all against the cpu driver's torch ops run on CPU copies of the inputs.
-2. Bandwidth: paged decode at batch x context (default 64 x 4,096) for Qwen2-0.5B and
+2. Model ops: rms_norm (plain, residual-fused, qk-norm on [T, H, D]), rope and silu_and_mul,
+   Triton against the Driver base class's torch defaults on the GPU (float32 and bfloat16,
+   Qwen2-0.5B and Llama-3-8B shapes), then us per call of each at a decode and a prefill
+   token count (Llama-3-8B shapes, bfloat16).
+3. Bandwidth: paged decode at batch x context (default 64 x 4,096) for Qwen2-0.5B and
    Llama-3-8B head shapes: bytes of K+V read / kernel time, as a share of the device's
    datasheet peak and of a large torch copy; dense torch SDPA on the same bytes alongside.
-3. Engine: a random-weight model shaped like Qwen2-0.5B (written by transformers to a temp
+4. Engine: a random-weight model shaped like Qwen2-0.5B (written by transformers to a temp
    dir), decode tokens/s of llmos against transformers `generate` on one static batch.
 
 Without a CUDA GPU it says so and exits with status 2; a failed kernel check exits 1.
@@ -157,7 +162,102 @@ def kernel_checks(drv) -> bool:
     return all(r[-1] for r in rows)
 
 
-# ---- 2. decode bandwidth --------------------------------------------------------------
+# ---- 2. model ops against the torch defaults ---------------------------------------------
+
+MODEL_OPS = ("rms_norm", "rope", "silu_and_mul")
+OP_MODELS = {"Qwen2-0.5B": (896, 4864), "Llama-3-8B": (4096, 14336)}  # (hidden C, inter I)
+OP_TOKENS = {"decode, batch 64": 64, "prefill, 4,096 tokens": 4096}
+# On the GPU casts round to nearest, as torch's do, so bfloat16 results differ only where
+# float32 sums, rsqrt or exp differ in the last bit and tip a rounding: up to 2 ulps, and
+# rarely. rope rounds once where torch rounds thrice: 2 ulps of |q| (randn, so < 8) apart.
+OP_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=2e-2)}
+ROPE_BF16_TOL = dict(atol=6.25e-2, rtol=0)
+
+
+def torch_defaults(drv):
+    """A driver of drv's class whose model ops are the Driver base class's torch ones."""
+    from llmos.drivers import Driver
+    return type("TorchDefaults", (type(drv),), {op: getattr(Driver, op) for op in MODEL_OPS})(
+        drv.device)
+
+
+def op_inputs(T, model, dtype, device, seed=0) -> dict:
+    """Random inputs for op_calls, made on the CPU: the same seed gives the same tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    C, inter = OP_MODELS[model]
+    H, Hkv, D = HEADS[model]
+    randn = lambda *shape: torch.randn(shape, generator=gen).to(dtype).to(device)  # noqa: E731
+    angles = torch.rand(T, D // 2, generator=gen) * 6
+    return dict(x=randn(T, C), residual=randn(T, C), weight=1 + 0.1 * randn(C),
+                qkv=randn(T, H + 2 * Hkv, D), qk_weight=1 + 0.1 * randn(D),
+                gate_up=randn(T, 2 * inter), cos=angles.cos().to(dtype).to(device),
+                sin=angles.sin().to(dtype).to(device), H=H, Hkv=Hkv)
+
+
+def op_calls(drv, a: dict) -> dict:
+    """{op case: a call of drv's op on the inputs a, returning its result}. rope rotates q
+    and k, views of a["qkv"], in place and returns the qkv."""
+    H, Hkv = a["H"], a["Hkv"]
+
+    def rope():
+        drv.rope(a["qkv"][:, :H], a["qkv"][:, H:H + Hkv], a["cos"], a["sin"])
+        return a["qkv"]
+    return {
+        "rms_norm": lambda: drv.rms_norm(a["x"], a["weight"], 1e-6),
+        "rms_norm + residual": lambda: drv.rms_norm(a["x"], a["weight"], 1e-6, a["residual"]),
+        "qk-norm [T, H, D]": lambda: drv.rms_norm(a["qkv"][:, :H], a["qk_weight"], 1e-6),
+        "rope, q and k of a qkv": rope,
+        "silu_and_mul": lambda: drv.silu_and_mul(a["gate_up"]),
+    }
+
+
+def check_model_ops(drv, ref) -> list[tuple]:
+    rows = []
+    for model in OP_MODELS:
+        for T in (1, 37, 513):
+            for dtype in (torch.float32, torch.bfloat16):
+                ours = op_calls(drv, op_inputs(T, model, dtype, drv.device))
+                theirs = op_calls(ref, op_inputs(T, model, dtype, drv.device))
+                for case in ours:
+                    got, want = ours[case](), theirs[case]()
+                    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+                    tol = ROPE_BF16_TOL if case.startswith("rope") and dtype == torch.bfloat16 \
+                        else OP_TOL[dtype]
+                    err = max((g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
+                    ok = all(g.dtype == w.dtype and g.shape == w.shape and
+                             torch.allclose(g.float(), w.float(), **tol) for g, w in zip(got, want))
+                    rows.append((case, f"{model}, T={T}", str(dtype).replace("torch.", ""), err, ok))
+    return rows
+
+
+def time_model_ops(drv, ref, model="Llama-3-8B", dtype=torch.bfloat16) -> Table:
+    table = Table(title=f"2. Model ops, {model} shapes, {str(dtype).replace('torch.', '')}: "
+                        "us per call")
+    for col in ("op", "tokens", "torch default", "triton", "speedup"):
+        table.add_column(col, justify="right")
+    for label, T in OP_TOKENS.items():
+        a = op_inputs(T, model, dtype, drv.device)
+        ours, theirs = op_calls(drv, a), op_calls(ref, a)
+        for case in ours:
+            ms_ref, ms = bench_ms(theirs[case]), bench_ms(ours[case])
+            table.add_row(case, label, f"{ms_ref * 1e3:.1f}", f"{ms * 1e3:.1f}", f"{ms_ref / ms:.2f}x")
+    return table
+
+
+def model_ops(drv) -> bool:
+    ref = torch_defaults(drv)
+    rows = check_model_ops(drv, ref)
+    table = Table(title="2. Model ops: Triton against the Driver defaults' torch, on the GPU")
+    for col in ("op", "case", "dtype", "max |err|", "ok"):
+        table.add_column(col)
+    for op, case, dtype, err, ok in rows:
+        table.add_row(op, case, dtype, f"{err:.1e}", "[green]ok" if ok else "[red]FAIL")
+    console.print(table)
+    console.print(time_model_ops(drv, ref))
+    return all(r[-1] for r in rows)
+
+
+# ---- 3. decode bandwidth --------------------------------------------------------------
 
 def bench_ms(fn) -> float:
     import triton.testing
@@ -180,7 +280,7 @@ def decode_bandwidth(drv, batch: int, context: int) -> None:
     dev, bs, dtype = drv.device, 16, torch.bfloat16
     name = torch.cuda.get_device_name(dev)
     peak, copy_bw = peak_bandwidth(name), copy_bandwidth(dev)
-    table = Table(title=f"2. Paged decode attention, batch {batch} x {context} tokens, "
+    table = Table(title=f"3. Paged decode attention, batch {batch} x {context} tokens, "
                         f"bfloat16, block {bs} ({name})")
     for col in ("heads (H/Hkv/D)", "kernel", "time", "K+V read", "GB/s", "of peak", "of copy"):
         table.add_column(col, justify="right")
@@ -220,7 +320,7 @@ def decode_bandwidth(drv, batch: int, context: int) -> None:
                   f"torch copy of 1 GiB: {copy_bw / 1e12:.2f} TB/s (read + write)")
 
 
-# ---- 3. engine against transformers -------------------------------------------------------
+# ---- 4. engine against transformers -------------------------------------------------------
 
 def timed(fn) -> tuple[float, object]:
     torch.cuda.synchronize()
@@ -245,7 +345,7 @@ def engine_vs_transformers(drv, batch: int, new_tokens: int) -> None:
     from llmos.kernel import Engine
     from tests.checkpoints import make_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
-        console.print("3. writing a random Qwen2-0.5B-shaped checkpoint ...")
+        console.print("4. writing a random Qwen2-0.5B-shaped checkpoint ...")
         path = make_checkpoint("qwen2", Path(tmp) / "qwen2-0.5b", dtype="bfloat16", **QWEN2_05B)
         rng = random.Random(0)  # ids inside the small tokenizer's vocab, so text decodes
         prompts = [[rng.randrange(10, 500) for _ in range(rng.randrange(64, 129))]
@@ -264,7 +364,7 @@ def engine_vs_transformers(drv, batch: int, new_tokens: int) -> None:
             tn, out = timed(lambda: run(new_tokens))
             results[name] = (t1, tn, out)
         del hf, engine
-    table = Table(title=f"3. Qwen2-0.5B-shaped (random weights), bfloat16, batch {batch}, "
+    table = Table(title=f"4. Qwen2-0.5B-shaped (random weights), bfloat16, batch {batch}, "
                         f"{new_tokens} new tokens each")
     for col in ("system", "prefill + 1 token", "total", "tokens/s (all)", "decode tokens/s"):
         table.add_column(col, justify="right")
@@ -295,6 +395,7 @@ def main() -> int:
     console.print(f"{torch.cuda.get_device_name(drv.device)}, torch {torch.__version__}")
     start = time.perf_counter()
     ok = kernel_checks(drv)
+    ok = model_ops(drv) and ok
     decode_bandwidth(drv, args.batch, args.context)
     if not args.skip_engine:
         engine_vs_transformers(drv, args.batch, args.new_tokens)

@@ -1,5 +1,9 @@
 """The cuda driver: an NVIDIA (or ROCm) GPU through torch, the KV ops as Triton kernels.
 
+Model ops: rms_norm (residual add fused), rope and silu_and_mul are Triton kernels too,
+one launch each where torch takes several; linear stays the default F.linear (cuBLAS,
+which a Triton GEMM would not beat for dense weights) and embed the default gather.
+
 Importing this module makes no CUDA call and does not import triton: a machine without a
 GPU can import it, ask is_available() and read unavailable_reason(). The kernels
 (drivers/triton/) are imported when a driver is made.
@@ -61,6 +65,13 @@ class CudaDriver(Driver):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def preferred_dtype(self) -> tuple[torch.dtype, str]:
+        name = torch.cuda.get_device_name(self.device)
+        # emulated bfloat16 (before compute capability 8) would be slower than float16
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, f"the {name} computes bfloat16 natively"
+        return torch.float16, f"the {name} has no native bfloat16, so float16"
+
     # ---- KV ops: Triton kernels -------------------------------------------------------
 
     def store_kv(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -77,6 +88,18 @@ class CudaDriver(Driver):
         """As Driver.copy_blocks; pass src and dst as host lists or CPU tensors (the kernel
         reads them on the host to check for overlap, which a device tensor would sync)."""
         self.kernels.copy_blocks(caches, src, dst)
+
+    # ---- model ops: Triton kernels (linear and embed are the defaults) -------------------
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float,
+                 residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        return self.kernels.rms_norm(x, weight, eps, residual)
+
+    def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+        self.kernels.rope(q, k, cos, sin)
+
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        return self.kernels.silu_and_mul(x)
 
     # ---- swap: device pool <-> pinned host pool -----------------------------------------
 

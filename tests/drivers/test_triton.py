@@ -1,4 +1,4 @@
-"""The Triton KV kernels (drivers/triton/) on the CPU under TRITON_INTERPRET=1, against torch.
+"""The Triton kernels (drivers/triton/) on the CPU under TRITON_INTERPRET=1, against torch.
 
 Isolation. Triton picks interpreter or compiler when a function is decorated with
 triton.jit, and triton.language's own helpers (tl.cdiv, the combine functions of tl.max
@@ -32,6 +32,8 @@ triton = pytest.importorskip("triton")
 
 from llmos.drivers import CpuDriver  # noqa: E402
 
+from .plain import PlainDriver  # noqa: E402
+
 
 def _interpreting() -> bool:
     """True when triton and our kernels were decorated by the interpreter in this process."""
@@ -47,7 +49,7 @@ def _interpreting() -> bool:
 IN_PROCESS = _interpreting()
 CHILD = "LLMOS_TEST_TRITON_CHILD"  # set in the subprocess, so it never spawns another
 if IN_PROCESS:
-    from llmos.drivers.triton import attention, kv
+    from llmos.drivers.triton import attention, kv, norm
 interpreted = pytest.mark.skipif(
     not IN_PROCESS, reason="triton is compiled-mode in this process: these run in "
                            "test_interpreted_in_subprocess under TRITON_INTERPRET=1")
@@ -73,13 +75,15 @@ def test_interpreted_in_subprocess():
 @interpreted
 def test_kernels_are_interpreted():
     for kernel in (kv._store_kv_kernel, kv._copy_blocks_kernel, attention._attn_kernel,
-                   attention._reduce_kernel):
+                   attention._reduce_kernel, norm._rms_norm_kernel, norm._rope_kernel,
+                   norm._silu_and_mul_kernel):
         assert type(kernel).__name__ == "InterpretedFunction"
 
 
 def test_package_exports_driver_signatures():
     from llmos.drivers import triton as pkg
-    for name in ("store_kv", "paged_attention", "copy_blocks"):
+    for name in ("store_kv", "paged_attention", "copy_blocks", "rms_norm", "rope",
+                 "silu_and_mul"):
         ours = list(inspect.signature(getattr(pkg, name)).parameters)
         theirs = list(inspect.signature(getattr(CpuDriver, name)).parameters)[1:]  # minus self
         assert ours[:len(theirs)] == theirs, name
@@ -355,6 +359,128 @@ def test_copy_blocks_large_block_and_empty():
     kv.copy_blocks(ours, [2], [0])
     for c, c0 in zip(ours[0], before):
         assert torch.equal(c[0], c0[2]) and torch.equal(c[1:], c0[1:])
+
+
+# ---- rms_norm, rope, silu_and_mul ---------------------------------------------------
+
+# Against the Driver base class's torch defaults (PlainDriver). float32: summation order,
+# rsqrt and exp differ by an ulp (observed <= 1.9e-6). bfloat16: the interpreter's casts
+# truncate where torch rounds to nearest, and rms_norm rounds three times (h, the normalized
+# row, the product with the weight): observed <= 3 ulps (2.3e-2 relative). On a GPU casts
+# round to nearest, and bench/gpu_check.py holds the kernels to tighter bounds.
+OP_TOL = {F32: dict(atol=1e-5, rtol=1e-6), BF16: dict(atol=1e-2, rtol=3e-2)}
+
+
+def randn(*shape, dtype=F32, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def assert_same_results(ours, theirs, dtype):
+    ours, theirs = (ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,))
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **OP_TOL[dtype])
+
+
+@interpreted
+@pytest.mark.parametrize("shape,dtype,with_residual", [
+    ((1, 896), F32, False),
+    ((37, 100), F32, True),       # C not a power of two
+    ((1, 896), BF16, True),
+    ((37, 100), BF16, False),
+    ((3, 5, 80), F32, True),      # qk-norm's [T, H, D]
+    ((3, 5, 80), BF16, False),
+    ((2, 2, 3, 32), F32, True),   # more leading dims: folded into rows
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_rms_norm_matches_default(shape, dtype, with_residual):
+    x = randn(*shape, dtype=dtype, seed=1)
+    residual = randn(*shape, dtype=dtype, seed=2) if with_residual else None
+    weight = 1 + 0.1 * randn(shape[-1], dtype=dtype, seed=3)
+    inputs = [t for t in (x, residual, weight) if t is not None]
+    before = [t.clone() for t in inputs]
+    ours = norm.rms_norm(x, weight, 1e-6, residual)
+    assert_same_results(ours, PlainDriver().rms_norm(x, weight, 1e-6, residual), dtype)
+    assert all(map(torch.equal, inputs, before))  # the inputs are left as they were
+
+
+@interpreted
+def test_rms_norm_strided_inputs():
+    """qk-norm on q straight out of a fused qkv; a residual add on row and column strides."""
+    qkv = randn(4, 6 + 2 * 2, 64)          # [T, H + 2 Hkv, D]
+    q = qkv[:, :6]                          # [T, 6, D]: T strided past k and v
+    weight = 1 + 0.1 * randn(64, seed=1)
+    assert_same_results(norm.rms_norm(q, weight, 1e-6), PlainDriver().rms_norm(q, weight, 1e-6), F32)
+    wide = randn(5, 2 * 48, seed=2)
+    x, residual = wide[:, ::2], randn(48, 5, seed=3).t()  # [5, 48]: a column stride, a transpose
+    assert not x.is_contiguous() and not residual.is_contiguous()
+    assert_same_results(norm.rms_norm(x, weight[:48], 1e-5, residual),
+                        PlainDriver().rms_norm(x, weight[:48], 1e-5, residual), F32)
+
+
+def rope_inputs(T, D, dtype, seed=0):
+    angles = torch.rand(T, D // 2, generator=torch.Generator().manual_seed(seed)) * 6
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("T,H,Hkv,D,dtype", [
+    (1, 4, 4, 64, F32),
+    (37, 4, 1, 64, BF16),
+    (5, 6, 2, 80, F32),    # H and D/2 = 40 not powers of two
+    (3, 14, 2, 64, BF16),  # Qwen2-0.5B's heads
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_rope_matches_default(T, H, Hkv, D, dtype):
+    q, k = randn(T, H, D, dtype=dtype, seed=1), randn(T, Hkv, D, dtype=dtype, seed=2)
+    cos, sin = rope_inputs(T, D, dtype)
+    ours = (q.clone(), k.clone())
+    norm.rope(*ours, cos, sin)
+    if dtype == F32:
+        theirs = (q.clone(), k.clone())
+        PlainDriver().rope(*theirs, cos, sin)
+        assert_same_results(ours, theirs, F32)
+        return
+    # bfloat16: the kernel rounds once, from float32; the default rounds each product in
+    # bfloat16 (observed 2 ulps apart, <= 3.1e-2). So against float64 too: within one ulp.
+    exact = (q.double(), k.double())
+    PlainDriver().rope(*exact, cos.double(), sin.double())
+    theirs = (q.clone(), k.clone())
+    PlainDriver().rope(*theirs, cos, sin)
+    for a, b, e in zip(ours, theirs, exact):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=2 ** -7)
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=0)
+
+
+@interpreted
+def test_rope_strided_q_and_k_leave_v():
+    """q and k as views of one fused qkv [T, H + 2 Hkv, D]: rotated in place, v untouched."""
+    qkv = randn(6, 4 + 2 * 2, 32)
+    ours = qkv.clone()
+    cos, sin = rope_inputs(6, 32, F32)
+    norm.rope(ours[:, :4], ours[:, 4:6], cos, sin)
+    PlainDriver().rope(qkv[:, :4], qkv[:, 4:6], cos, sin)
+    assert_same_results(ours, qkv, F32)
+    assert torch.equal(ours[:, 6:], randn(6, 4 + 2 * 2, 32)[:, 6:])
+
+
+@interpreted
+@pytest.mark.parametrize("shape,dtype", [
+    ((1, 2 * 300), F32),
+    ((37, 2 * 100), BF16),
+    ((2, 3, 2 * 1100), F32),  # leading [T, H]; I past one program's SILU_BLOCK columns
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_silu_and_mul_matches_default(shape, dtype):
+    x = 2 * randn(*shape, dtype=dtype)
+    assert_same_results(norm.silu_and_mul(x), PlainDriver().silu_and_mul(x), dtype)
+
+
+@interpreted
+def test_silu_and_mul_strided_and_empty():
+    wide = randn(3, 2 * 50 + 16)
+    x = wide[:, :100]  # [T, 2I] with rows strided
+    assert_same_results(norm.silu_and_mul(x), PlainDriver().silu_and_mul(x), F32)
+    assert norm.silu_and_mul(torch.empty(0, 64)).shape == (0, 32)
+    assert norm.rms_norm(torch.empty(0, 64), torch.ones(64), 1e-6).shape == (0, 64)
+    norm.rope(torch.empty(0, 2, 8), torch.empty(0, 1, 8), torch.empty(0, 4), torch.empty(0, 4))
 
 
 # ---- the cuda driver, on a machine without a GPU -------------------------------------
