@@ -1,9 +1,12 @@
-"""The cpu driver: the KV ops in plain torch, vectorized over sequences and tokens.
+"""The cpu driver: Linear layers through oneDNN, paged attention in C, the rest in torch.
 
-paged_attention gathers each sequence's blocks into a padded [S, L, Hkv, D] tensor and
-runs one scaled_dot_product_attention per group of sequences. How a step's batch splits
-into groups, and the index tensors that do it, are planned once per step and reused by
-every layer.
+paged_attention runs the C kernel of cpu_attention.py, which reads each sequence's KV
+blocks in place through its block table. Where that kernel cannot be built (no C
+compiler) or LLMOS_CPU_ATTENTION=torch asks, the torch path here serves: it gathers each
+sequence's blocks into a padded [S, L, Hkv, D] tensor and runs one
+scaled_dot_product_attention per group of sequences; how a step's batch splits into
+groups, and the index tensors that do it, are planned once per step and reused by every
+layer.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_attention
 from .base import Driver, LinearWeight
 
 CPU_FLAGS_FILE = "/proc/cpuinfo"
@@ -51,6 +55,8 @@ class CpuDriver(Driver):
         self.poisoned = False
         self._plan_key: tuple | None = None   # the step whose attention plan is cached
         self._plan: list[_Group] = []
+        # Built (or found in the user's cache) now, so the first step does not compile.
+        self.attention_in_c = cpu_attention.available()
 
     def poison_blocks(self, caches, blocks) -> None:
         self.poisoned = True
@@ -105,6 +111,9 @@ class CpuDriver(Driver):
     def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor,
                         block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
                         scale: float) -> Tensor:
+        if self.attention_in_c and q.dtype in cpu_attention.DTYPES and q.dtype == k_cache.dtype:
+            return cpu_attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                 query_start_loc, scale)
         # Every layer of a step passes the same metadata tensors: plan once per step.
         key = (block_tables, seq_lens, query_start_loc)
         if self._plan_key is None or any(a is not b for a, b in zip(key, self._plan_key)):

@@ -20,6 +20,8 @@ from llmos.drivers.base import LinearWeight
 
 from ..config import ModelConfig, rope_inv_freq
 
+ROPE_TABLE_BYTES = 64 << 20   # cos/sin of every position are precomputed up to this size
+
 
 @dataclass
 class AttentionBatch:
@@ -52,6 +54,10 @@ class CausalLM:
         self.embed, self.layers, self.norm, self.head = embed, layers, norm, head
         self.dtype = embed.dtype
         self.inv_freq = rope_inv_freq(cfg).to(driver.device)                 # [D/2] float32
+        self.rope_table = None                  # (cos, sin) [max_pos, D/2] in dtype, or None
+        max_pos = cfg.max_position_embeddings
+        if 2 * max_pos * self.inv_freq.numel() * self.dtype.itemsize <= ROPE_TABLE_BYTES:
+            self.rope_table = self.rope_angles(torch.arange(max_pos, device=driver.device))
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.heads, self.split, self.scale = (H, Hkv, D), [H * D, Hkv * D, Hkv * D], D ** -0.5
 
@@ -110,8 +116,10 @@ class CausalLM:
         """input_ids, positions: [T]; returns the final hidden states [T, hidden]."""
         d, eps = self.driver, self.config.rms_norm_eps
         x = d.embed(input_ids, self.embed)                                   # x: [T, C]
-        angles = positions.float()[:, None] * self.inv_freq[None, :]        # [T, D/2]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        if self.rope_table is None:
+            cos, sin = self.rope_angles(positions)
+        else:
+            cos, sin = (t.index_select(0, positions) for t in self.rope_table)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             if residual is None:
@@ -126,6 +134,11 @@ class CausalLM:
         return d.rms_norm(x, self.norm, eps, residual)[0]
 
     __call__ = forward
+
+    def rope_angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [T, D/2] in the model's dtype, from float32 angles as transformers."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     def attention(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor, kv_cache,
                   batch: AttentionBatch) -> Tensor:

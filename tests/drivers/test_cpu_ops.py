@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from llmos.drivers import CpuDriver, Driver, get_driver
+from llmos.drivers import CpuDriver, Driver, cpu_attention, get_driver
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # atol against a float64 reference
 
@@ -16,6 +16,21 @@ SCENARIOS = {
     "chunked": [(32, 16), (17, 40), (64, 5)],
     "mixed": [(20, 1), (0, 37), (63, 1), (16, 16), (5, 1), (40, 0), (50, 9)],
 }
+
+
+@pytest.fixture(params=["c", "torch"])
+def path(request) -> str:
+    """The cpu driver's two attention paths: the C kernel (cpu_attention.py), and the torch
+    one it falls back to where no C compiler is found."""
+    if request.param == "c" and not cpu_attention.available():
+        pytest.skip(f"the C paged attention is not available: {cpu_attention.unavailable_reason()}")
+    return request.param
+
+
+def driver_on(path: str) -> CpuDriver:
+    drv = CpuDriver()
+    drv.attention_in_c = path == "c"
+    return drv
 
 
 def naive_attention(q, ks, vs, ctx_lens, scale):
@@ -80,9 +95,10 @@ def run(drv, b, scale):
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (8, 2), (8, 1)])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_paged_attention_matches_naive(scenario, H, Hkv, D, block_size, dtype):
+    """The torch path; the C kernel has the same matrix and more in test_cpu_attention.py."""
     b = make_batch(SCENARIOS[scenario], block_size, H, Hkv, D, dtype)
     scale = D ** -0.5
-    o = run(CpuDriver(), b, scale)
+    o = run(driver_on("torch"), b, scale)
     assert o.shape == b["q"].shape and o.dtype == dtype
     ref = naive_attention(b["q"], b["ks"], b["vs"], b["ctx_lens"], scale)
     torch.testing.assert_close(o.double(), ref, atol=TOL[dtype], rtol=0)
@@ -157,8 +173,8 @@ def test_poison_blocks_fills_nan():
             assert c[[1, 3]].isnan().all() and not c[[0, 2]].isnan().any()
 
 
-def test_poisoned_block_in_use_yields_nan_only_there():
-    drv = CpuDriver()
+def test_poisoned_block_in_use_yields_nan_only_there(path):
+    drv = driver_on(path)
     b = make_batch(SCENARIOS["mixed"], 16, 4, 2, 64, torch.float32)
     victim = 3  # the (16, 16) sequence: two full blocks
     blk = int(b["block_tables"][victim, 1])
@@ -172,9 +188,9 @@ def test_poisoned_block_in_use_yields_nan_only_there():
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_poisoned_free_blocks_do_not_leak(scenario):
+def test_poisoned_free_blocks_do_not_leak(scenario, path):
     """NaN in blocks a sequence does not own (table garbage, block 0, tail slots) stays out."""
-    drv = CpuDriver()
+    drv = driver_on(path)
     b = make_batch(SCENARIOS[scenario], 16, 4, 2, 64, torch.float32, free_zero=True)
     seq_lens, bt = b["seq_lens"].tolist(), b["block_tables"]
     owned = {int(bt[s, i]) for s, n in enumerate(seq_lens) for i in range(math.ceil(n / 16))}
