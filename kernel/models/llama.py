@@ -133,7 +133,8 @@ class CausalLM:
             return d.rms_norm(x, self.norm, eps)
         return d.rms_norm(x, self.norm, eps, residual)[0]
 
-    __call__ = forward
+    def __call__(self, *args) -> Tensor:
+        return self.forward(*args)
 
     def rope_angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [T, D/2] in the model's dtype, from float32 angles as transformers."""

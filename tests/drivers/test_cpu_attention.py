@@ -50,7 +50,7 @@ def reference(b, scale):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
-@pytest.mark.parametrize("D", [8, 24, 128])
+@pytest.mark.parametrize("D", [24, 128])
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (8, 2)])    # G = 1, 2, 4
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_matches_naive(scenario, H, Hkv, D, block_size, dtype):
