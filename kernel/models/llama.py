@@ -101,10 +101,12 @@ class CausalLM:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes the prepared weights hold (a tied head prepared apart counts twice)."""
+        """Bytes the prepared weights hold (a tied head the driver prepacked apart from the
+        embedding counts twice: it is held twice)."""
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
-        total = size(self.embed) + size(self.norm) + self.head.nbytes
+        shared = self.head.weight is self.embed
+        total = size(self.embed) + size(self.norm) + (0 if shared else self.head.nbytes)
         for layer in self.layers:
             total += sum(size(t) for t in (layer.input_norm, layer.post_norm, layer.q_norm,
                                            layer.k_norm))
