@@ -71,11 +71,12 @@ class CpuDriver(Driver):
         return (torch.bfloat16 if ok else torch.float32), why
 
     # ---- Linear layers through oneDNN ----------------------------------------------------
-    # torch's default F.linear goes to MKL, which on AMD CPUs reaches about half the GEMM
-    # rate of oneDNN and streams weights at decode shapes far below memory bandwidth.
-    # oneDNN with its weights reordered once at load (its blocked layout) does better at
-    # every shape measured (bench/peers.py). Where oneDNN cannot take the dtype (bf16 on a
-    # CPU without AVX-512), the base class's F.linear serves.
+    # torch's default F.linear goes to MKL, which on AMD CPUs trails oneDNN: with its
+    # weights reordered once at load (its blocked layout), oneDNN reached 128 GFLOP/s
+    # against F.linear's 92 on bench/peers.py's 2048^3 peak, and 1.3-2x at batch-16 decode
+    # shapes of a 100M model in a quick check; with one row (single-request decode) the two
+    # were close. Where oneDNN cannot take the dtype (bf16 on a CPU without AVX-512), the
+    # base class's F.linear serves.
 
     def prepare_linear(self, weight: Tensor, bias: Tensor | None = None) -> LinearWeight:
         plain = super().prepare_linear(weight, bias)
