@@ -18,7 +18,6 @@ abstract method unimplemented.
 """
 from __future__ import annotations
 
-import mmap
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .pools import zeroed_pool
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache)
 Blocks = Tensor | Sequence[int]        # block numbers: a 1-D int tensor or a list
@@ -105,7 +106,7 @@ class Driver(ABC):
         on self.device. Raises ValueError for an unsupported dtype or block size, and
         OutOfDeviceMemory where the driver can tell the pool does not fit."""
         self.capabilities.check(dtype, block_size)
-        return _zeros(num_layers, (num_blocks, block_size, num_kv_heads, head_dim), dtype,
+        return zeroed_pool(num_layers, (num_blocks, block_size, num_kv_heads, head_dim), dtype,
                       self.device)
 
     def allocate_swap(self, num_layers: int, num_blocks: int, block_size: int,
@@ -114,7 +115,7 @@ class Driver(ABC):
         [num_blocks, block_size, Hkv, D] in CPU memory (a driver may pin it for fast copies).
         num_blocks here counts host blocks, independent of the device pool's."""
         self.capabilities.check(dtype, block_size)
-        return _zeros(num_layers, (num_blocks, block_size, num_kv_heads, head_dim), dtype,
+        return zeroed_pool(num_layers, (num_blocks, block_size, num_kv_heads, head_dim), dtype,
                       torch.device("cpu"))
 
     def swap_out(self, caches: KVCache, host_caches: KVCache, device_blocks: Blocks,
@@ -252,34 +253,6 @@ def parse_size(value: int | str, what: str = "size") -> int:
         raise ValueError(f"{what}: not a size: {value!r} (use e.g. 512M or 2G)")
     scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m[2].upper()]
     return int(float(m[1]) * scale)
-
-
-def _zeros(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
-           device: torch.device) -> KVCache:
-    return [(_zero_tensor(shape, dtype, device), _zero_tensor(shape, dtype, device))
-            for _ in range(num_layers)]
-
-
-def _zero_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """torch.zeros(shape), lazily committed on the CPU.
-
-    torch.zeros writes every byte, so a pool costs its full size in resident memory at
-    once. On the CPU the tensor is instead backed by a private anonymous mapping: the OS
-    hands out zero pages and commits one only when it is first written, so the resident
-    size of a pool follows the blocks actually used. (Private, not mmap's default shared:
-    a read of a shared anonymous page commits it, and a forked child would share it.)
-    torch.frombuffer holds a reference to the mapping, so it lives as long as any view of
-    the tensor and is unmapped after the last one goes. Other devices use torch.zeros.
-    """
-    device = torch.device(device)
-    nbytes = dtype.itemsize
-    for n in shape:
-        nbytes *= n
-    if device.type != "cpu" or nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):
-        return torch.zeros(shape, dtype=dtype, device=device)  # empty, or no mmap flags (Windows)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    # As bytes, then reinterpreted: frombuffer reads any buffer as uint8, whatever the dtype.
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _check_linear(weight: Tensor, bias: Tensor | None) -> tuple[int, int]:
