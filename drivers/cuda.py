@@ -3,6 +3,8 @@
 Model ops: rms_norm (residual add fused), rope and silu_and_mul are Triton kernels too,
 one launch each where torch takes several; linear stays the default F.linear (cuBLAS,
 which a Triton GEMM would not beat for dense weights) and embed the default gather.
+int8 weights (prepare_linear's quantize) are the default's too: dequantized per call
+into a cuBLAS GEMM (drivers/quant.py), which keeps the memory saving but not a speedup.
 
 Importing this module makes no CUDA call and does not import triton: a machine without a
 GPU can import it, ask is_available() and read unavailable_reason(). The kernels

@@ -34,16 +34,21 @@ class ModelDir:
     tokenizer: Tokenizer
     generation_config: dict = field(default_factory=dict, hash=False)
 
-    def load_weights(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return load_weights(self.path, self.config, dtype, device)
+    def load_weights(self, dtype: torch.dtype, device: str | torch.device = "cpu",
+                     progress=None) -> dict[str, torch.Tensor]:
+        return load_weights(self.path, self.config, dtype, device, progress)
 
 
 def open_model_dir(path: str | Path) -> ModelDir:
     """Read config, tokenizer and generation config, and check the weight files exist.
+    A path ending in .gguf is a GGUF file (kernel/gguf.py), opened the same way.
 
     Raises CheckpointError naming the missing or bad file.
     """
     path = Path(path)
+    if path.suffix == ".gguf" and not path.is_dir():
+        from .gguf import open_gguf   # here: kernel/gguf.py imports this module
+        return open_gguf(path)
     config = load_config(path)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > config.vocab_size:
@@ -119,8 +124,9 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
-                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                 device: str | torch.device = "cpu", progress=None) -> dict[str, torch.Tensor]:
     """Read and check every expected tensor; return {Hugging Face name: tensor in dtype on device}.
+    progress(fraction) is called after each tensor, with the share of them read so far.
 
     With tied embeddings there is no "lm_head.weight" in the result (use the embedding).
     Raises CheckpointError for a missing file or tensor, a shape or dtype that does not
@@ -141,6 +147,8 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
                         continue
                     _check_slice(file, tensor_name, f.get_slice(tensor_name), expected[tensor_name])
                     weights[tensor_name] = f.get_tensor(tensor_name).to(dtype)
+                    if progress is not None:
+                        progress(len(weights) / len(expected))
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own errors, OSError, or bare Exception

@@ -3,22 +3,25 @@
 Weights arrive with Hugging Face names (the loader has checked them) and are handed to the
 driver at load: each Linear becomes the driver's prepared form (prepare_linear may
 prepack, convert or quantize it), with q/k/v fused into one GEMM and gate/up into
-another. The forward pass takes the whole batch flattened into T tokens and calls only
-driver ops: embed, rms_norm (fused with the residual add), linear, rope, silu_and_mul,
-store_kv and paged_attention. The default ops follow transformers' numerics (RMSNorm in
-float32, rotary angles in float32), so float32 greedy outputs are token-identical on the
-same weights.
+another; a tied lm_head stays the embedding itself. The forward pass takes the whole
+batch flattened into T tokens and calls only driver ops: embed, rms_norm (fused with the
+residual add), linear, rope, silu_and_mul, store_kv and paged_attention. The default
+ops follow transformers' numerics (RMSNorm in float32, rotary angles in float32), so
+float32 greedy outputs are token-identical on the same weights.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from llmos.drivers.base import LinearWeight
+from llmos.drivers.quant import check_quantize
 
 from ..config import ModelConfig, rope_inv_freq
+from ..loader import expected_weight_shapes
 
 ROPE_TABLE_BYTES = 64 << 20   # cos/sin of every position are precomputed up to this size
 
@@ -62,9 +65,13 @@ class CausalLM:
         self.heads, self.split, self.scale = (H, Hkv, D), [H * D, Hkv * D, Hkv * D], D ** -0.5
 
     @classmethod
-    def from_weights(cls, cfg: ModelConfig, weights: dict[str, Tensor], driver) -> "CausalLM":
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, Tensor], driver,
+                     quantize: str | None = None) -> "CausalLM":
         """Adopt `weights` (HF names, checked by the loader; consumed) onto the driver.
-        Raises ValueError naming a weight the checkpoint lacks."""
+        quantize (None or "int8") goes to prepare_linear for every layer's Linear and an
+        untied lm_head; the embedding and the norms stay in their dtype. Raises ValueError
+        naming a weight the checkpoint lacks, or for an unknown quantize."""
+        check_quantize(quantize)
         device = driver.device
 
         def take(name: str, optional: bool = False) -> Tensor | None:
@@ -79,7 +86,7 @@ class CausalLM:
             w = ws[0] if len(ws) == 1 else torch.cat(ws)
             b = None if bs is None else bs[0] if len(bs) == 1 else torch.cat(bs)
             del ws, bs
-            return driver.prepare_linear(w, b)
+            return driver.prepare_linear(w, b, quantize=quantize)
 
         embed = take("model.embed_tokens.weight")
         layers = []
@@ -95,14 +102,33 @@ class CausalLM:
                 gate_up=linear(p + "mlp.", ["gate_proj", "up_proj"], cfg.mlp_bias),
                 down=linear(p + "mlp.", ["down_proj"], cfg.mlp_bias)))
         norm = take("model.norm.weight")
-        head_weight = embed if cfg.tie_word_embeddings else take("lm_head.weight")
-        weights.pop("lm_head.weight", None)      # tied: the embedding serves
-        return cls(cfg, driver, embed, layers, norm, driver.prepare_linear(head_weight))
+        if cfg.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+            # The embedding itself: prepared apart (prepacked, quantized) it is held twice.
+            head = LinearWeight.plain(embed)
+        else:
+            head = driver.prepare_linear(take("lm_head.weight"), quantize=quantize)
+        return cls(cfg, driver, embed, layers, norm, head)
+
+    @staticmethod
+    def estimate_bytes(cfg: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
+        """Bytes from_weights will hold for a model of config cfg in dtype, known before
+        loading (the model table admits loads by it): weight_bytes after the load, on a
+        driver that keeps a prepared weight's size (cpu and cuda do). Every tensor in
+        dtype; with int8, each Linear that from_weights quantizes one byte a weight plus
+        a scale a row in dtype. Raises ValueError for an unknown quantize."""
+        check_quantize(quantize)
+        total = 0
+        for name, shape in expected_weight_shapes(cfg).items():
+            n = math.prod(shape)
+            quantized = quantize == "int8" and (name.endswith("_proj.weight")
+                                                or name == "lm_head.weight")
+            total += n + shape[0] * dtype.itemsize if quantized else n * dtype.itemsize
+        return total
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes the prepared weights hold (a tied head the driver prepacked apart from the
-        embedding counts twice: it is held twice)."""
+        """Bytes the prepared weights hold, each counted once (a tied head is the embedding)."""
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
         shared = self.head.weight is self.embed
