@@ -1,6 +1,7 @@
 """Booting the kernel: `llmos up` runs `boot`, which reads as the table of contents.
 
-    python -m llmos.kernel [--home DIR] [--model tiny] [--driver cpu] [--kv-memory 512M]
+    python -m llmos.kernel [--home DIR] [--model tiny ...] [--driver cpu] [--kv-memory 512M]
+                           [--memory 6G] [--keep-alive 5m] [--quantize int8]
                            [--listen tcp://HOST:PORT [--no-curve]] [--sched NAME] [--dtype D]
                            [--kv-ttl SECONDS] [--kv-disk SIZE] [--kv-swap SIZE] [--no-kv-paging]
                            [--limit NAME=VALUE ...]
@@ -20,6 +21,7 @@ import sys
 from llmos.syscalls.errors import SyscallError
 from llmos.syscalls.home import Home, HomeError
 from llmos.syscalls.specs import parse_limit
+from llmos.syscalls.args import duration
 
 from . import agentuser, limits, subreaper, tunables
 from .home import HomeLock
@@ -29,12 +31,14 @@ log = logging.getLogger("llmos.kernel")
 GRACE = 5.0       # seconds children get between SIGTERM and SIGKILL at shutdown
 
 
-def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
+def boot(home_dir=None, model: str | list = "tiny", driver="cpu", kv_memory=None,
          heartbeat_timeout: float = tunables.HEARTBEAT_TIMEOUT,
          agent_user: str | None = None, listen: str | None = None, curve: bool = True,
          max_agents: int | None = None, sched: str | None = None, kv_ttl: float | None = None,
          kv_disk: str | int | None = None, default_limits: dict | None = None,
-         kv_paging: bool = True, kv_swap: str | int | None = None, dtype: str | None = None) -> int:
+         kv_paging: bool = True, kv_swap: str | int | None = None, dtype: str | None = None,
+         memory: str | int | None = None, keep_alive: float | None = None,
+         quantize: str | None = None) -> int:
     """Boot, serve until told to stop, shut down. Returns the exit status. agent_user: the
     user agents run as (kernel/agentuser.py; root only), else the kernel's own uid.
     listen: a tcp endpoint served besides the home's socket, with CURVE unless not curve.
@@ -43,10 +47,18 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     resident, the disk tier's size (in HOME/kv/); None: the engine's defaults. kv_paging
     False: idle contexts stay resident (a baseline for bench/agent_workload.py). kv_swap:
     the host swap pool's size (default: half the device pool's blocks). dtype: "auto"
-    (None) or a dtype name for the weights and KV (load.pick_dtype).
+    (None) or a dtype name for the weights and KV (load.pick_dtype); quantize: None or
+    "int8", for models whose registry entry says neither. model: a name or a list of
+    them, loaded at boot (the first is the default of calls that name none); memory: the
+    model table's budget (bytes or "6G"; default: modeltable.default_budget); keep_alive:
+    seconds a model loaded on demand stays once idle (negative: forever).
     default_limits: {name: value, None: no limit} over the kernel-wide defaults."""
-    from .engine import Engine
+    from llmos.drivers import get_driver
+    from llmos.drivers.base import parse_size
+
     from .kernel import Supervisor
+    from .modeltable import ModelTable
+    from .registry import Registry
     from .server import Server
     from .syscall import SyscallTable, install
 
@@ -57,13 +69,21 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     token = lock.acquire()                                   # 1. the home, locked
     try:
         _log_to(home.kernel_log)
-        log.info("booting: model %s, driver %s", model, driver)
-        engine = Engine.from_pretrained(model, driver=driver,   # 2. the model, KV pool, policy
-                                        kv_memory=kv_memory, kv_paging=kv_paging,
-                                        **_engine_options(lock, sched, kv_ttl, kv_disk,
-                                                          kv_swap, dtype))
+        names = [str(m) for m in ([model] if isinstance(model, (str, os.PathLike)) else model)]
+        log.info("booting: model %s, driver %s", ", ".join(names), driver)
+        registry = Registry(home.path)                       # 2. the models: names, table,
+        plan_options, engine_options = _model_options(lock, kv_memory, dtype, quantize,
+                                                      kv_swap, kv_disk, sched, kv_ttl, kv_paging)
+        models = ModelTable(get_driver(driver), parse_size(memory, "memory") if memory else None,
+                            keep_alive=tunables.KEEP_ALIVE if keep_alive is None else keep_alive,
+                            plan_options=plan_options, engine_options=engine_options)
+        for name in names:                                   #    the boot models loaded
+            spec = registry.resolve(name)
+            registry.boot(spec)
+            models.load_now(spec, registry.open(spec))
+        engine = models.slots[names[0]].engine
         _inject_faults(engine)
-        kernel = Supervisor(home, engine, str(model), token,     # 3. processes, engine loop
+        kernel = Supervisor(home, models, registry, names[0], token,  # 3. processes, engine loop
                             agent_user=user, max_agents=max_agents,
                             default_limits=default_limits)
         subreaper.adopt(kernel.procs, kernel.timers)         # 4. orphans below us are ours
@@ -82,8 +102,8 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     stopped_by = _stop_on_signals(kernel)
     where = " and ".join(server.bound)
     print(f"llmos kernel {os.getpid()} listening on {where}", flush=True)
-    log.info("listening on %s (driver %s, %d KV blocks)", where, engine.driver.name,
-             engine.num_blocks)
+    log.info("listening on %s (driver %s; models %s in a budget of %d MiB)", where,
+             engine.driver.name, ", ".join(names), models.budget >> 20)
     log.info("default limits: %s", kernel.procs.default_limits)
     kernel.loop.run()                                        # 7. serve: the engine, this thread
     log.info("shutting down: %s", stopped_by[0] if stopped_by else "engine crashed")
@@ -95,15 +115,19 @@ def boot(home_dir=None, model="tiny", driver="cpu", kv_memory=None,
     return 1 if kernel.dead.is_set() else 0
 
 
-def _engine_options(lock, sched, kv_ttl, kv_disk, kv_swap, dtype=None) -> dict:
-    """The engine's options that were given (the rest take the engine's defaults); a disk
-    tier gets the home's private kv/ directory."""
-    given = {"policy": sched, "kv_ttl": kv_ttl, "kv_disk": kv_disk, "kv_swap": kv_swap,
-             "dtype": dtype}
+def _model_options(lock, kv_memory, dtype, quantize, kv_swap, kv_disk, sched, kv_ttl,
+                   kv_paging) -> tuple[dict, dict]:
+    """The options of every model's load plan and engine that were given (the rest take
+    load.plan's and the engine's defaults); a disk tier gets the home's private kv/
+    directory (a subdirectory per model)."""
+    plan = {"kv_memory": kv_memory, "dtype": dtype, "quantize": quantize, "kv_swap": kv_swap,
+            "kv_disk": kv_disk}
+    engine = {"policy": sched, "kv_ttl": kv_ttl, "kv_paging": kv_paging}
     if kv_disk is not None:
         lock.private_dir(lock.home.kv_dir)
-        given["kv_disk_dir"] = lock.home.kv_dir
-    return {k: v for k, v in given.items() if v is not None}
+        engine["kv_disk_dir"] = lock.home.kv_dir
+    return ({k: v for k, v in plan.items() if v is not None},
+            {k: v for k, v in engine.items() if v is not None})
 
 
 def _few_malloc_arenas() -> None:
@@ -195,7 +219,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmos.kernel",
                                  description="The llmos kernel daemon (`llmos up` runs it).")
     ap.add_argument("--home", default=None, help="home directory (default $LLMOS_HOME or ~/.llmos)")
-    ap.add_argument("--model", default="tiny", help='a Hugging Face model directory, or "tiny"')
+    ap.add_argument("--model", action="append", default=None,
+                    help='a model loaded at boot: a registered name, a Hugging Face directory, '
+                         'a .gguf file, or "tiny" (the default); repeatable, the first is the '
+                         'default of calls that name none')
+    ap.add_argument("--memory", default=None, metavar="SIZE",
+                    help="memory for the models' weights and KV pools, e.g. 6G (default: "
+                         f"{tunables.MEMORY_FRACTION * 100:.0f}%% of free device memory, at most "
+                         f"{tunables.MEMORY_CAP_CPU >> 30}G on a CPU); past it the least "
+                         "recently used idle model is unloaded")
+    ap.add_argument("--keep-alive", type=duration, default=None, metavar="DURATION",
+                    help=f"how long a model loaded on demand stays loaded once idle, e.g. "
+                         f"5m, 30s, 1h, -1 for ever (default {tunables.KEEP_ALIVE:g}s)")
+    ap.add_argument("--quantize", default=None, choices=["int8"],
+                    help="weight-only quantization at load, for models whose registry entry "
+                         "does not say (default: none)")
     ap.add_argument("--driver", default="cpu", help='cpu, cuda, a plugin, or "auto"')
     ap.add_argument("--kv-memory", default=None, help="KV pool size, e.g. 512M")
     ap.add_argument("--heartbeat-timeout", type=float, default=tunables.HEARTBEAT_TIMEOUT,
@@ -234,11 +272,13 @@ def main(argv=None) -> int:
         if args.listen:
             from .endpoints import check_listen
             check_listen(args.listen, args.curve)        # before the model loads: fail fast
-        return boot(args.home, args.model, args.driver, args.kv_memory, args.heartbeat_timeout,
+        return boot(args.home, args.model or ["tiny"], args.driver, args.kv_memory, args.heartbeat_timeout,
                     agent_user=args.agent_user, listen=args.listen, curve=args.curve,
                     max_agents=args.max_agents, sched=args.sched, kv_ttl=args.kv_ttl,
                     kv_disk=args.kv_disk, default_limits=dict(args.limit),
-                    kv_paging=args.kv_paging, kv_swap=args.kv_swap, dtype=args.dtype)
-    except (HomeError, ValueError) as e:       # CheckpointError and bad options are ValueErrors
+                    kv_paging=args.kv_paging, kv_swap=args.kv_swap, dtype=args.dtype,
+                    memory=args.memory, keep_alive=args.keep_alive, quantize=args.quantize)
+    except (HomeError, ValueError, SyscallError) as e:   # CheckpointError is a ValueError;
+        # SyscallError: a boot model that does not resolve, open or fit (ENOENT, EINVAL, ENOMEM)
         print(f"llmos kernel: {e}", file=sys.stderr)
         return 2

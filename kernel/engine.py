@@ -66,11 +66,14 @@ class Engine(ContextCalls):
         layout = dict(num_layers=cfg.num_hidden_layers, block_size=block_size,
                       num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype)
         self.kv_caches = driver.allocate_kv_cache(num_blocks=num_blocks, **layout)
+        self.kv_bytes = _nbytes(self.kv_caches)       # the device pool (the model table's)
+        self.swap_bytes = 0                           # the host swap pool
         on_free = (lambda blocks: driver.poison_blocks(self.kv_caches, blocks)) if poison else None
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, on_free=on_free)
         self.swapper = None
         if num_swap_blocks > 0:
             host_caches = driver.allocate_swap(num_blocks=num_swap_blocks, **layout)
+            self.swap_bytes = _nbytes(host_caches)
             host = BlockManager(num_swap_blocks, block_size, enable_prefix_caching=False,
                                 tier="host")
             self.swapper = Swapper(driver, self.kv_caches, host_caches, host)
@@ -334,3 +337,8 @@ class Engine(ContextCalls):
         while len(done) < len(reqs) and self.has_work():
             done.update((d.request_id, d.completion) for d in self.step() if d.finished)
         return [done[r.id] for r in reqs]
+
+
+def _nbytes(caches) -> int:
+    """Bytes of a pool: its K and V tensors of every layer."""
+    return sum(t.numel() * t.element_size() for kv in caches for t in kv)

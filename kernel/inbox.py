@@ -6,7 +6,9 @@ is the order in which ownership changed: the Add of a request always precedes it
 Abort, and a dead process's Release follows every Add it made, so a request of a process
 that is already dead never starts.
 
-Commands that answer a syscall carry its Call; the engine thread answers it.
+Commands that answer a syscall carry its Call; the engine thread answers it. A command
+for a model that is still loading waits in its model table slot, in order, until the
+loader thread's Loaded comes (kernel/modeltable.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ class Add:
     context: int | None
     stream: bool
     salt: bytes                # (a STOPPED process's Pause came first: its account says so)
+    model: Any = None          # the registry's ModelSpec (kernel/registry.py)
+    mdir: Any = None           # its opened ModelDir: the load plan's input if not loaded
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class CreateContext:
     call: Any
     tokens: list = field(default_factory=list)
     salt: bytes = b""
+    model: Any = None          # as Add's
+    mdir: Any = None
 
 
 @dataclass(frozen=True)
@@ -111,3 +117,28 @@ class SetPolicy:
     or EINVAL for an unknown name."""
     name: str
     call: Any
+
+
+@dataclass(frozen=True)
+class Load:
+    """Load model `model` (a ModelSpec, its ModelDir opened) if it is not loaded; the call
+    gets the model's ModelInfo once it is READY, or the load's error."""
+    model: Any
+    mdir: Any
+    call: Any
+    keep_alive: float | None = None     # seconds; negative: forever; None: the default
+
+
+@dataclass(frozen=True)
+class Unload:
+    """Unload model `name` now (EBUSY while something pins it)."""
+    name: str
+    call: Any
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """From the loader thread: slot's engine is ready, or its load failed with error."""
+    slot: Any
+    engine: Any
+    error: str | None

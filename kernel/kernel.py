@@ -39,6 +39,7 @@ from . import inbox as cmd
 from . import limits, tunables
 from .audit import AuditLog
 from .llmcalls import LLMCalls
+from .modelcalls import ModelCalls
 from .loop import EngineLoop
 from .peers import is_loopback, peer_address, peer_credentials
 from .policy import POLICIES
@@ -52,12 +53,16 @@ log = logging.getLogger("llmos.kernel")
 CANCEL_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT}   # cancel its LLM work
 
 
-class Supervisor(LLMCalls):
-    def __init__(self, home, engine, model_name: str, owner_token: str, agent_user=None,
-                 max_agents: int | None = None, default_limits: dict | None = None):
-        """default_limits: {name: value, None: no limit} set instead of the kernel-wide
-        defaults (kernel/limits.py; `llmos up --limit`)."""
-        self.home, self.engine, self.model_name = home, engine, model_name
+class Supervisor(LLMCalls, ModelCalls):
+    def __init__(self, home, models, registry, default_model: str, owner_token: str,
+                 agent_user=None, max_agents: int | None = None,
+                 default_limits: dict | None = None):
+        """models: the model table (kernel/modeltable.py), its default model loaded;
+        registry: the names model= may take (kernel/registry.py); default_model: the name a
+        call that names none gets. default_limits: {name: value, None: no limit} set
+        instead of the kernel-wide defaults (kernel/limits.py; `llmos up --limit`)."""
+        self.home, self.registry, self.default_model = home, registry, default_model
+        engine = models.slots[default_model].engine
         self._owner_token = owner_token.encode()
         self.audit = AuditLog.open(home.log_dir)        # log/audit.log (kernel/audit.py)
         self.started = time.time()
@@ -65,7 +70,7 @@ class Supervisor(LLMCalls):
                                first_pid=first_free_pid(home.log_dir), user=agent_user,
                                max_agents=max_agents,
                                default_limits=limits.defaults(engine.num_blocks, default_limits))
-        self.loop = EngineLoop(engine, self.procs, on_crash=self._engine_crashed,
+        self.loop = EngineLoop(models, self.procs, on_crash=self._engine_crashed,
                                on_limit=self._kv_limited)
         self.timers = Timers()
         self.timers.every(self.audit.period, self.audit.tick)
@@ -79,6 +84,7 @@ class Supervisor(LLMCalls):
         """Stop the helper threads (after the loop and the server stopped)."""
         self.timers.stop()
         self.sampler.stop()
+        self.loop.models.close()
         self.tokenizers.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
 

@@ -1,58 +1,65 @@
 """The LLM calls of the Supervisor (kernel/kernel.py): generate, cancel, tokenize,
-detokenize and the contexts. Their policy: what a process may name (its own contexts, the
-loaded model), how a prompt becomes tokens (inline, or on a tokenizer worker when long),
+detokenize and the contexts. Their policy: what a process may name (its own contexts, a model
+the registry knows), how a prompt becomes tokens (inline, or on a tokenizer worker when
+long or when the model's tokenizer was not read yet),
 which prefix-cache salt a call gets, and when its engine command is queued.
 
 Limits (kernel/limits.py) are checked here, under the lock, as a call is accepted: calls
 (generate, EAGAIN) and contexts (create and fork, ENOMEM); cancel is never refused.
 
 A mixin of Supervisor, which gives it: procs (the process table, whose lock orders
-ownership and queueing), loop (the engine loop's inbox), engine (read-only here: model
-limits, tokenizer), tokenizers (the worker pool), audit, tree_root() and _shares.
+ownership and queueing), loop (the engine loop's inbox), registry (model names, their
+config and tokenizer), default_model, tokenizers (the worker pool), audit, tree_root()
+and _shares.
 Threads: called on the I/O thread; tokenizer workers run _encode's work, then queue.
 """
 from __future__ import annotations
 
-from llmos.syscalls.errors import E2BIG, EINVAL, ENOENT, ESRCH, SyscallError
+from llmos.syscalls.errors import E2BIG, EINVAL, ESRCH, SyscallError
 from llmos.syscalls.numbers import sys_name
 from llmos.syscalls.types import Completion
 
 from . import inbox as cmd
 from . import limits, tunables
+from .load import max_model_len
 
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
             "stop_token_ids", "ignore_eos")
 
 
 class LLMCalls:
-    def check_model(self, name: str | None) -> None:
-        """model= names the loaded model (or is absent). Raises ENOENT naming the loaded ones."""
-        if name is not None and name != self.model_name:
-            raise SyscallError(ENOENT, f"model: no model {name!r} is loaded "
-                                       f"(loaded: {self.model_name})")
+    def model(self, name: str | None, owner: bool = True):
+        """The ModelSpec model= names (absent: the default model). A path (a directory or
+        .gguf file) only for the owner: an agent names models the owner made known, and
+        cannot have the kernel read files of its choosing. Raises ENOENT naming the names
+        there are, EPERM."""
+        return self.registry.resolve(self.default_model if name is None else name,
+                                     paths=owner)
 
     def generate(self, call, caller: int, a: dict) -> None:
         """Accept a generate: record it as caller's, tokenize, queue it for the engine.
-        Raises ESRCH (caller, context), EAGAIN (caller's calls limit)."""
-        self.check_model(a["model"])
+        On a context, the model is the context's. Raises ENOENT (model), ESRCH (caller,
+        context), EINVAL (a model that is not the context's), EAGAIN (caller's calls limit)."""
+        spec = self.model(a["model"], call.conn.owner)
         sampling = {k: a[k] for k in SAMPLING if a[k] is not None}
         key, rid, ctx = (call.conn.peer, call.id), next(self._ids), a["context"]
         with self.procs.lock:
             proc = self.procs.live(caller)
-            if ctx is not None and ctx not in proc.contexts:
-                raise SyscallError(ESRCH, f"context: no context {ctx} of process {caller}")
+            if ctx is not None:
+                spec = self._context_model(proc, ctx, a["model"], spec)
             n = len(proc.requests)
             limits.check(proc, "calls", n, f"process {caller} has {n} LLM calls in flight")
             proc.requests[key] = rid
             self._join(call, a["share"])
 
-        def queue(tokens: list, chat: bool) -> None:
+        def queue(mdir, tokens: list) -> None:
             with self.procs.lock:
                 if proc.requests.get(key) != rid:         # cancelled, killed or dead meanwhile
                     call.reply(Completion(finish_reason="abort"))
                     return
-                self.loop.put(cmd.Add(rid, proc, call, key, tokens, chat, sampling, ctx,
-                                      a["stream"], self._salt(proc, a["share"])))
+                self.loop.put(cmd.Add(rid, proc, call, key, tokens, a["messages"] is not None,
+                                      sampling, ctx, a["stream"], self._salt(proc, a["share"]),
+                                      spec, mdir))
 
         def undo(err: SyscallError) -> None:
             with self.procs.lock:
@@ -60,11 +67,18 @@ class LLMCalls:
                     del proc.requests[key]
             call.error(err.code, err.msg)
 
-        if a["token_ids"] is not None:
-            queue(a["token_ids"], False)
-        else:
-            self._encode(a["prompt"], a["messages"], True,
-                         then=lambda tokens: queue(tokens, a["messages"] is not None), fail=undo)
+        self._encode(spec, a["prompt"], a["messages"], a["token_ids"], True, then=queue, fail=undo)
+
+    @staticmethod
+    def _context_model(proc, ctx: int, named: str | None, spec):
+        """Under procs.lock: the model of proc's context ctx. Raises ESRCH, or EINVAL if
+        the call named another model."""
+        if ctx not in proc.contexts:
+            raise SyscallError(ESRCH, f"context: no context {ctx} of process {proc.pid}")
+        if named is not None and spec.name != proc.contexts[ctx].name:
+            raise SyscallError(EINVAL, f"model: context {ctx} is of model "
+                                       f"{proc.contexts[ctx].name!r}, not {spec.name!r}")
+        return proc.contexts[ctx]
 
     def cancel(self, call, caller: int, call_id: int) -> None:
         """Cancel this connection's generate call_id; its own call answers with "abort".
@@ -96,84 +110,85 @@ class LLMCalls:
             return b"share:%d:" % proc.owner + share.encode()
         return b"tree:%d" % self.tree_root(proc.pid)
 
-    def _encode(self, prompt, messages, reply: bool, then, fail) -> None:
-        """Token ids of a prompt or chat messages, then(tokens); fail(SyscallError). Short
-        texts are encoded here; long ones on a tokenizer worker (never the I/O thread)."""
-        size = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages)
-        cap = self.engine.max_model_len * tunables.CHARS_PER_TOKEN
-        if size > cap:
-            return fail(SyscallError(E2BIG, f"prompt: {size} characters; this model's context "
-                                            f"of {self.engine.max_model_len} tokens takes at "
-                                            f"most {cap}"))
+    def _encode(self, spec, prompt, messages, token_ids, reply: bool, then, fail) -> None:
+        """then(mdir, token ids) of exactly one of prompt, chat messages or token_ids under
+        spec's tokenizer, or fail(SyscallError). Short texts of a model whose directory was
+        opened before are encoded here; the rest (opening it, long texts) on a tokenizer
+        worker, never the I/O thread."""
+        size = len(prompt) if prompt is not None else \
+            sum(len(m["content"]) for m in messages) if messages is not None else 0
 
         def work():
             try:
-                tokens = self.engine.encode(prompt, messages, reply=reply)
+                mdir = self.registry.open(spec)
+                tokens = token_ids if token_ids is not None else \
+                    _encode(mdir, size, prompt, messages, reply)
             except SyscallError as e:
                 return fail(e)
-            then(tokens)
-        if size <= tunables.INLINE_TEXT:
+            then(mdir, tokens)
+        opened = self.registry.opened(spec)
+        if opened is not None and size <= tunables.INLINE_TEXT:
             work()
+        elif opened is not None and _too_long(opened, size):     # refused before any work
+            fail(_too_long(opened, size))
         else:
             self.tokenizers.submit(work)
 
-    def tokenize(self, call, text: str) -> None:
-        self._encode(text, None, True, then=lambda ids: call.reply({"token_ids": ids}),
+    def tokenize(self, call, model: str | None, text: str) -> None:
+        self._encode(self.model(model, call.conn.owner), text, None, None, True,
+                     then=lambda mdir, ids: call.reply({"token_ids": ids}),
                      fail=lambda e: call.error(e.code, e.msg))
 
-    def detokenize(self, call, token_ids: list) -> None:
-        vocab = self.engine.config.vocab_size
-        if token_ids and max(token_ids) >= vocab:
-            raise SyscallError(EINVAL, f"token_ids: ids must be below the vocabulary size {vocab}")
-
-        def work():
-            call.reply({"text": self.engine.tokenizer.decode(token_ids)})
-        if len(token_ids) <= tunables.INLINE_TEXT:
-            work()
-        else:
-            self.tokenizers.submit(work)
+    def detokenize(self, call, model: str | None, token_ids: list) -> None:
+        def then(mdir, ids):
+            vocab = mdir.config.vocab_size
+            if ids and max(ids) >= vocab:
+                return call.error(EINVAL, f"token_ids: ids must be below the vocabulary size "
+                                          f"{vocab}")
+            call.reply({"text": mdir.tokenizer.decode(ids)})
+        self._encode(self.model(model, call.conn.owner), None, None, token_ids, True, then=then,
+                     fail=lambda e: call.error(e.code, e.msg))
 
     # ---- contexts -------------------------------------------------------------------
-    def context_create(self, call, caller: int, system=None, messages=None,
-                       share: str | None = None) -> None:
+    def context_create(self, call, caller: int, model: str | None = None, system=None,
+                       messages=None, share: str | None = None) -> None:
+        spec = self.model(model, call.conn.owner)
         if system is not None:
             messages = [{"role": "system", "content": system}]
         cid = next(self._ids)
         with self.procs.lock:
             proc = self.procs.live(caller)
             self._check_contexts(proc)
-            proc.contexts.add(cid)
+            proc.contexts[cid] = spec
             self._join(call, share)
 
-        def queue(tokens: list) -> None:
+        def queue(mdir, tokens: list) -> None:
             with self.procs.lock:
                 if cid in proc.contexts:
                     self.loop.put(cmd.CreateContext(cid, proc, call, tokens,
-                                                    self._salt(proc, share)))
+                                                    self._salt(proc, share), spec, mdir))
                 else:
                     call.error(ESRCH, f"process {caller} has exited")
 
         def undo(err: SyscallError) -> None:
             with self.procs.lock:
-                proc.contexts.discard(cid)
+                proc.contexts.pop(cid, None)
             call.error(err.code, err.msg)
 
-        if messages is None:
-            queue([])
-        else:
-            self._encode(None, messages, False, then=queue, fail=undo)
+        self._encode(spec, None, messages, [] if messages is None else None, False,
+                     then=queue, fail=undo)
 
     def context_fork(self, call, caller: int, source: int) -> None:
         cid = next(self._ids)
         with self.procs.lock:
             proc = self._owner_of(caller, source)
             self._check_contexts(proc)
-            proc.contexts.add(cid)
+            proc.contexts[cid] = proc.contexts[source]
             self.loop.put(cmd.ForkContext(source, cid, proc, call))
 
     def context_free(self, call, caller: int, context: int) -> None:
         with self.procs.lock:
-            self._owner_of(caller, context).contexts.discard(context)
+            self._owner_of(caller, context).contexts.pop(context, None)
             self.loop.put(cmd.FreeContext(context, call))
 
     def context_info(self, call, caller: int, context: int) -> None:
@@ -192,3 +207,25 @@ class LLMCalls:
         if context not in proc.contexts:
             raise SyscallError(ESRCH, f"context: no context {context} of process {caller}")
         return proc
+
+
+def _encode(mdir, size: int, prompt, messages, reply: bool) -> list[int]:
+    """Token ids of a text or chat messages under mdir's tokenizer. Raises E2BIG (far
+    longer than the model's context), EINVAL (messages the chat template refuses)."""
+    if _too_long(mdir, size):
+        raise _too_long(mdir, size)
+    if messages is None:
+        return mdir.tokenizer.encode(prompt)
+    try:
+        return mdir.tokenizer.encode_chat(messages, add_generation_prompt=reply)
+    except ValueError as e:     # no template, malformed messages, raise_exception()
+        raise SyscallError(EINVAL, f"messages: {e}") from None
+
+
+def _too_long(mdir, size: int) -> SyscallError | None:
+    """E2BIG for a text of size characters, far more than mdir's model's context holds."""
+    max_len = max_model_len(mdir.config)
+    if size <= max_len * tunables.CHARS_PER_TOKEN:
+        return None
+    return SyscallError(E2BIG, f"prompt: {size} characters; this model's context of {max_len} "
+                               f"tokens takes at most {max_len * tunables.CHARS_PER_TOKEN}")

@@ -85,7 +85,7 @@ class Proc:
     last_seen: float = 0.0             # time.monotonic() of the last sign of life
     releasing: bool = False            # dead, its resources not yet released
     requests: dict = field(default_factory=dict)   # (peer, call id) -> request id
-    contexts: set = field(default_factory=set)     # context ids
+    contexts: dict = field(default_factory=dict)   # context id -> its model's ModelSpec
 
     # What the scheduler knows of it (kernel/account.py): nice and limits (written under
     # the lock), service received and KV held (written by the engine thread).

@@ -19,8 +19,7 @@ def sys_cancel(k, call, a):
 
 
 def sys_context_create(k, call, a):
-    k.check_model(a["model"])
-    k.context_create(call, call.conn.pid, a["system"], a["messages"], a["share"])
+    k.context_create(call, call.conn.pid, a["model"], a["system"], a["messages"], a["share"])
     return PENDING
 
 
@@ -40,12 +39,10 @@ def sys_context_info(k, call, a):
 
 
 def sys_tokenize(k, call, a):
-    k.check_model(a["model"])
-    k.tokenize(call, a["text"])
+    k.tokenize(call, a["model"], a["text"])
     return PENDING
 
 
 def sys_detokenize(k, call, a):
-    k.check_model(a["model"])
-    k.detokenize(call, a["token_ids"])
+    k.detokenize(call, a["model"], a["token_ids"])
     return PENDING

@@ -10,6 +10,7 @@ for an optional argument means absent. `describe()` gives the spec as plain data
 from __future__ import annotations
 
 import math
+import re
 import signal as _signal
 
 from .errors import E2BIG, EINVAL, SyscallError
@@ -338,3 +339,15 @@ class Spec:
         if self.at_most_one:
             d["at_most_one"] = [list(g) for g in self.at_most_one]
         return d
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """Seconds of a duration as people write it ("300", "30s", "5m", "1.5h", "-1": for
+    ever, as Ollama's keep_alive). Raises ValueError naming the text."""
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 5m, 1h, -1 for ever)")
+    return float(m.group(1)) * _UNITS[m.group(2)]

@@ -13,6 +13,7 @@ EACCES = "EACCES"        # not authenticated: no successful hello yet, or a wron
 EPERM = "EPERM"          # authenticated, but not allowed
 ESRCH = "ESRCH"          # no such process or context
 ENOENT = "ENOENT"        # no such model (or other named thing)
+EEXIST = "EEXIST"        # the name is taken (models add)
 ENOMEM = "ENOMEM"        # out of KV memory (or over a per-process cap)
 EAGAIN = "EAGAIN"        # a queue is full; try again later
 ECANCELED = "ECANCELED"  # the call was cancelled (by the caller, a signal, or shutdown)
@@ -23,7 +24,7 @@ EIO = "EIO"              # the kernel failed internally; see its log
 ETIMEDOUT = "ETIMEDOUT"  # client side: the call's own deadline passed
 EDEAD = "EDEAD"          # client side: the kernel stopped answering (KernelDead)
 
-CODES = frozenset({ENOSYS, EINVAL, E2BIG, EPROTO, EACCES, EPERM, ESRCH, ENOENT, ENOMEM, EAGAIN,
+CODES = frozenset({ENOSYS, EINVAL, E2BIG, EPROTO, EACCES, EPERM, ESRCH, ENOENT, EEXIST, ENOMEM, EAGAIN,
                    ECANCELED, EBUSY, ECHILD, EINTR, EIO, ETIMEDOUT, EDEAD})
 
 

@@ -32,6 +32,10 @@ class Sys(IntEnum):
     SCHED = 21
     SETRLIMIT = 22
     GETRLIMIT = 23
+    MODEL_LOAD = 24
+    MODEL_UNLOAD = 25
+    MODEL_ADD = 26
+    MODEL_RM = 27
 
 
 def sys_name(nr: int) -> str:

@@ -14,6 +14,9 @@ MAX_TOKENS_IN = 1 << 20      # token ids in one prompt: above any supported cont
 MAX_ARGV = 256               # entries of a spawned argv, as a modest shell would allow
 MAX_STOPS = 16               # stop strings / stop token ids of one generate call
 INT64 = (-(1 << 63), (1 << 63) - 1)
+MODEL_NAME = 4096            # characters of model=: a registered name or a path (PATH_MAX)
+DTYPES = ("auto", "float32", "bfloat16", "float16")   # what a model may be loaded in
+QUANTIZE = ("int8",)         # weight-only quantization at load (drivers/quant.py's)
 
 _pid = dict(min=0, max=(1 << 31) - 1)
 _handle = dict(min=0, max=INT64[1])   # context and call handles are kernel-issued ints
@@ -52,22 +55,30 @@ SPECS: dict[Sys, Spec] = {
         stop=List(Str(256, min_len=1), max_len=MAX_STOPS),
         stop_token_ids=List(Int(min=0, max=(1 << 31) - 1), max_len=MAX_STOPS),
         ignore_eos=Bool(), context=Int(**_handle), stream=Bool(default=False),
-        model=Str(256), share=_share),
+        model=Str(MODEL_NAME), share=_share),
     Sys.CANCEL: Spec(call=Int(**_handle, required=True)),
     Sys.CONTEXT_CREATE: Spec(at_most_one=[("system", "messages")], system=Str(MAX_TEXT),
-                             messages=Messages(content_len=MAX_TEXT), model=Str(256),
+                             messages=Messages(content_len=MAX_TEXT), model=Str(MODEL_NAME),
                              share=_share),
     Sys.CONTEXT_FORK: Spec(context=Int(**_handle, required=True)),
     Sys.CONTEXT_FREE: Spec(context=Int(**_handle, required=True)),
     Sys.CONTEXT_INFO: Spec(context=Int(**_handle, required=True)),
-    Sys.TOKENIZE: Spec(text=Str(MAX_TEXT, required=True), model=Str(256)),
+    Sys.TOKENIZE: Spec(text=Str(MAX_TEXT, required=True), model=Str(MODEL_NAME)),
     Sys.DETOKENIZE: Spec(token_ids=List(_token_ids.of, max_len=MAX_TOKENS_IN, required=True),
-                         model=Str(256)),
+                         model=Str(MODEL_NAME)),
     Sys.MEMINFO: Spec(),
     Sys.MODELS: Spec(),
     Sys.SCHED: Spec(policy=Str(32, min_len=1)),
     Sys.SETRLIMIT: Spec(pid=Int(**_pid), **LIMITS),
     Sys.GETRLIMIT: Spec(pid=Int(**_pid)),
+    Sys.MODEL_LOAD: Spec(name=Str(MODEL_NAME, min_len=1, required=True),
+                         keep_alive=Float(min=-1, max=1e9)),
+    Sys.MODEL_UNLOAD: Spec(name=Str(MODEL_NAME, min_len=1, required=True)),
+    Sys.MODEL_ADD: Spec(name=Str(64, min_len=1, required=True),
+                        path=Str(MODEL_NAME, min_len=1, required=True),
+                        dtype=Str(16, choices=DTYPES), quantize=Str(16, choices=QUANTIZE),
+                        keep_alive=Float(min=-1, max=1e9)),
+    Sys.MODEL_RM: Spec(name=Str(64, min_len=1, required=True)),
 }
 
 

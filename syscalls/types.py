@@ -201,12 +201,25 @@ class ProcMem(Record):
 
 
 @dataclass(frozen=True)
-class MemInfo(Record):
+class ModelMem(Record):
+    """One loaded model's memory: its weights and its own KV pools."""
     kv: KVInfo = field(default_factory=KVInfo)
+    weight_bytes: int = 0
+    kv_bytes: int = 0             # device KV pool
+    swap_bytes: int = 0           # host swap pool
+    _nested: ClassVar[dict] = {"kv": KVInfo}
+
+
+@dataclass(frozen=True)
+class MemInfo(Record):
+    kv: KVInfo = field(default_factory=KVInfo)    # every loaded model's pools together
     procs: dict = field(default_factory=dict)     # pid -> ProcMem
     disk_total: int = 0           # KV blocks the disk tier may hold (0: no disk tier)
     disk_used: int = 0
-    _nested: ClassVar[dict] = {"kv": KVInfo, "procs": (dict, ProcMem)}
+    models: dict = field(default_factory=dict)    # model name -> ModelMem
+    memory_budget: int = 0        # bytes the model table may hold (llmos up --memory)
+    memory_used: int = 0          # held by the loaded models' weights and KV pools
+    _nested: ClassVar[dict] = {"kv": KVInfo, "procs": (dict, ProcMem), "models": (dict, ModelMem)}
 
 
 @dataclass(frozen=True)
@@ -230,6 +243,19 @@ class ModelInfo(Record):
     dtype: str = ""
     dtype_reason: str = ""        # "asked", or why "auto" chose dtype
     weight_bytes: int = 0         # memory the weights hold, as the driver prepared them
+    state: str = ""               # "ready", "loading", or "registered" (a name, not loaded)
+    params: int = 0               # parameters
+    quantize: str = ""            # "" or "int8" (weight-only, at load)
+    kv_blocks: int = 0            # its KV pool, in blocks
+    kv_bytes: int = 0             # its KV pool on the device
+    swap_bytes: int = 0           # its host swap pool
+    requests: int = 0             # queued or running
+    contexts: int = 0             # live contexts (they pin the model)
+    last_used: float = 0.0        # time.time() of its latest work (0: never loaded)
+    keep_alive: float | None = None   # s idle before it is unloaded; None: never
+    progress: float = 0.0         # share of the weights read (while loading)
+    load_seconds: float = 0.0     # how long its load took
+    default: bool = False         # the model a call that names none gets
 
 
 @dataclass(frozen=True)
@@ -250,6 +276,7 @@ class SysInfo(Record):
     agent_user: str | None = None  # the user agents run as (`--agent-user`); None: the kernel's
     isolation: str = "none"        # "uid": agents run under a uid not the kernel's; "none": same
     max_agents: int = 0            # agent processes running at once, at most (then EAGAIN)
+    models: list = field(default_factory=list)   # the names of the loaded models
     policy: str = ""               # the scheduling policy in force (sched, llmos up --sched)
 
 

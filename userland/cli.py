@@ -11,7 +11,7 @@ import time
 import click
 
 from llmos.userland import commands, kernelctl, keys, listing
-from llmos.userland.kernelctl import DRIVER_HELP, await_kernel, kernel_argv, launch
+from llmos.userland.kernelctl import DRIVER_HELP, absolute_model, await_kernel, kernel_argv, launch
 
 
 
@@ -34,8 +34,9 @@ def _engine(model: str, driver: str):
 @main.command()
 @click.argument("prompt")
 @click.option("--model", "-m", default=None,
-              help='Model directory in Hugging Face format, or "tiny" (embedded); runs in '
-                   'this process.')
+              help='The model: through a running kernel, a name it knows (`llmos models`), '
+                   'a directory or .gguf file; in this process, a directory, a .gguf file '
+                   'or "tiny" (the default).')
 @click.option("--driver", default=None,
               help="Driver of an engine in this process (default cpu); " + DRIVER_HELP)
 @click.option("--home", default=None, help="The kernel's home (default $LLMOS_HOME or ~/.llmos).")
@@ -56,9 +57,9 @@ def _engine(model: str, driver: str):
 def generate(prompt, model, home, chat, system, driver, **sampling) -> None:
     """Stream a completion of PROMPT.
 
-    Through the kernel of --home when one is up; with --model or --driver, or when no
-    kernel is up, from an engine in this process (--model default "tiny", --driver
-    default cpu).
+    Through the kernel of --home when one is up (on its default model, or --model); with
+    --driver, or when no kernel is up, from an engine in this process (--model default
+    "tiny", --driver default cpu).
     """
     sampling["stop"] = list(sampling["stop"])
     if chat:
@@ -68,7 +69,9 @@ def generate(prompt, model, home, chat, system, driver, **sampling) -> None:
     else:
         source = {"prompt": prompt}
     start = time.perf_counter()
-    if model is None and driver is None and _kernel_is_up(home):
+    if driver is None and _kernel_is_up(home):
+        if model is not None:
+            source["model"] = absolute_model(model)
         completion = _generate_through_kernel(home, source, sampling)
     else:
         completion = _generate_here(model or "tiny", driver or "cpu", source, sampling)

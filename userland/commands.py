@@ -27,7 +27,11 @@ INTERRUPTED = 130         # exit status of a `run` the user stopped with Ctrl-C 
 
 def client(fn):
     """Add --home to a command and turn SDK errors into a one-line error (exit 1)."""
-    @click.option("--home", default=None, help=HOME_HELP)
+    return click.option("--home", default=None, help=HOME_HELP)(sdk_errors(fn))
+
+
+def sdk_errors(fn):
+    """Turn SDK errors into a one-line error (exit 1)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from llmos.userland.sdk import KernelNotRunning, SyscallError
@@ -38,6 +42,23 @@ def client(fn):
         except SyscallError as e:
             raise click.ClickException(f"{e.code}: {e.msg}" if e.msg else e.code) from None
     return wrapper
+
+
+class Duration(click.ParamType):
+    """A duration as people write it: 300, 30s, 5m, 1h; -1 for ever."""
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        from llmos.syscalls.args import duration
+        try:
+            return duration(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+DURATION = Duration()
 
 
 def _connect(home):
@@ -228,13 +249,64 @@ def mem(as_json, home) -> None:
     click.echo(listing.to_json(info) if as_json else listing.mem_text(info))
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @listing.json_option
 @client
-def models(as_json, home) -> None:
-    """List the models the kernel has loaded."""
-    found = _connect(home).models()
-    click.echo(listing.to_json(found) if as_json else listing.models_text(found))
+@click.pass_context
+def models(ctx, as_json, home) -> None:
+    """List the models: loaded, loading and registered (subcommands change them)."""
+    ctx.obj = home
+    if ctx.invoked_subcommand is None:
+        found = _connect(home).models()
+        click.echo(listing.to_json(found) if as_json else listing.models_text(found))
+
+
+@models.command("add")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default=None, help="the dtype it loads in (default: auto)")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="weight-only quantization at load")
+@click.option("--keep-alive", type=DURATION, default=None,
+              help="how long it stays loaded once idle (5m, 1h, -1 for ever)")
+@click.pass_obj
+@sdk_errors
+def models_add(home, name, path, dtype, quantize, keep_alive) -> None:
+    """Register NAME for the model directory or .gguf file PATH (owner)."""
+    m = _connect(home).model_add(name, os.path.abspath(path), dtype, quantize, keep_alive)
+    click.echo(f"{m.name}: {m.path} ({m.model_type or 'model'}, {m.layers} layers)")
+
+
+@models.command("rm")
+@click.argument("name")
+@click.pass_obj
+@sdk_errors
+def models_rm(home, name) -> None:
+    """Forget the registered name NAME (owner; a loaded model stays loaded)."""
+    _connect(home).model_rm(name)
+
+
+@models.command("load")
+@click.argument("name")
+@click.option("--keep-alive", type=DURATION, default=None,
+              help="how long it stays loaded once idle (5m, 1h, -1 for ever)")
+@click.pass_obj
+@sdk_errors
+def models_load(home, name, keep_alive) -> None:
+    """Load model NAME now (owner): a registered name, a directory, a .gguf file, tiny."""
+    m = _connect(home).model_load(name, keep_alive)
+    click.echo(f"{m.name}: loaded in {m.load_seconds:.2f} s, {listing.size(m.weight_bytes)} "
+               f"of weights, {m.kv_blocks} KV blocks ({listing.size(m.kv_bytes)})")
+
+
+@models.command("unload")
+@click.argument("name")
+@click.pass_obj
+@sdk_errors
+def models_unload(home, name) -> None:
+    """Unload model NAME now (owner; refused while a request or context uses it)."""
+    _connect(home).model_unload(name)
 
 
 @click.command()

@@ -18,8 +18,20 @@ KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first mov
 
 @click.command()
 @click.option("--home", default=None, help="Kernel home (default $LLMOS_HOME or ~/.llmos).")
-@click.option("--model", "-m", default="tiny", show_default=True,
-              help='Model directory in Hugging Face format, or "tiny" (embedded).')
+@click.option("--model", "-m", "model", multiple=True, default=["tiny"], show_default=True,
+              help='A model loaded at boot: a registered name (`llmos models add`), a '
+                   'Hugging Face directory, a .gguf file, or "tiny" (embedded). Repeatable; '
+                   'the first is the default of calls that name none.')
+@click.option("--memory", default=None, metavar="SIZE",
+              help="Memory for the models' weights and KV pools, e.g. 6G (default: most of "
+                   "free device memory, at most 8G on a CPU); past it the least recently "
+                   "used idle model is unloaded.")
+@click.option("--keep-alive", default=None, metavar="DURATION",
+              help="How long a model loaded on demand stays once idle: 30s, 5m, 1h, -1 for "
+                   "ever (default 5m).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Weight-only quantization at load (models whose registry entry does not "
+                   "say otherwise).")
 @click.option("--driver", default="cpu", show_default=True, help=DRIVER_HELP)
 @click.option("--kv-memory", default=None,
               help="KV pool size, e.g. 512M (default: a share of free memory).")
@@ -53,8 +65,9 @@ KERNEL_OUT_MAX = 1 << 20  # bytes of log/kernel.out past which `up -d` first mov
 @click.option("--limit", "limits", multiple=True, callback=lambda ctx, param, v: check_limits(v),
               metavar="NAME=VALUE", help="A default limit of the processes without a parent "
                                          "(their children inherit it). " + LIMIT_HELP)
-def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max_agents,
-       sched, dtype, kv_ttl, kv_disk, kv_swap, no_kv_paging, limits) -> None:
+def up(home, model, memory, keep_alive, quantize, driver, kv_memory, detach, agent_user,
+       listen, no_curve, max_agents, sched, dtype, kv_ttl, kv_disk, kv_swap, no_kv_paging,
+       limits) -> None:
     """Boot the kernel on MODEL (in the foreground unless -d). Refuses a home whose
     kernel is running."""
     from llmos.syscalls.home import Home
@@ -65,7 +78,8 @@ def up(home, model, driver, kv_memory, detach, agent_user, listen, no_curve, max
                                    f"`llmos down --home {h.path}` stops it")
     argv = kernel_argv(h, model, driver, kv_memory, agent_user) + _listen_argv(listen, no_curve)
     argv += ["--max-agents", str(max_agents)] if max_agents else []
-    argv += _options(sched=sched, dtype=dtype, kv_ttl=kv_ttl, kv_disk=kv_disk, kv_swap=kv_swap)
+    argv += _options(sched=sched, dtype=dtype, kv_ttl=kv_ttl, kv_disk=kv_disk, kv_swap=kv_swap,
+                     memory=memory, keep_alive=keep_alive, quantize=quantize)
     argv += ["--no-kv-paging"] if no_kv_paging else []
     argv += [a for name, value in limits.items() for a in ("--limit", f"{name}={value}")]
     if not detach:
@@ -108,11 +122,19 @@ def _listen_argv(listen, no_curve) -> list[str]:
     return ["--listen", listen] + (["--no-curve"] if no_curve else [])
 
 
-def kernel_argv(h, model, driver, kv_memory, agent_user=None) -> list[str]:
-    argv = [sys.executable, "-m", "llmos.kernel", "--home", str(h.path), "--model", model,
-            "--driver", driver]
+def kernel_argv(h, model: str | tuple, driver, kv_memory, agent_user=None) -> list[str]:
+    """The kernel's command line; model: a name or several."""
+    models = [model] if isinstance(model, str) else list(model)
+    argv = [sys.executable, "-m", "llmos.kernel", "--home", str(h.path), "--driver", driver]
+    argv += [a for m in models for a in ("--model", absolute_model(m))]
     argv += ["--agent-user", agent_user] if agent_user else []
     return argv + (["--kv-memory", kv_memory] if kv_memory else [])
+
+
+def absolute_model(model: str) -> str:
+    """A model path relative to here made absolute (the kernel's cwd is not ours); a name
+    stays a name."""
+    return os.path.abspath(model) if os.sep in model and os.path.exists(model) else model
 
 
 def launch(h, argv) -> tuple[subprocess.Popen, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import click
 
@@ -67,8 +68,9 @@ def ps_text(procs, long: bool = False) -> str:
 # ---- mem -----------------------------------------------------------------------------
 
 def mem_text(info) -> str:
-    """The KV pool, swap and disk tier (blocks and tokens), then where the KV of each
-    process is: resident in the pool, swapped out to the host, on disk (blocks)."""
+    """The KV pools, swap and disk tier (blocks and tokens; every model's together), then
+    where the KV of each process is: resident in the pool, swapped out to the host, on
+    disk (blocks), then each model's weights and pools in the memory budget."""
     kv, bs = info.kv, info.kv.block_size
     pool = [[key, n, n * bs] for key, n in (
         ("total", kv.total), ("used", kv.used), ("cached", kv.cached), ("free", kv.free),
@@ -80,6 +82,13 @@ def mem_text(info) -> str:
         per = [[pid, m.resident, m.swapped, m.disk, (m.resident + m.swapped + m.disk) * bs]
                for pid, m in sorted(info.procs.items())]
         text += "\n\n" + columns(["PID", "RESIDENT", "SWAPPED", "DISK", "TOKENS"], per)
+    if info.models:
+        per = [[name, size(m.weight_bytes), size(m.kv_bytes), size(m.swap_bytes), m.kv.total,
+                m.kv.used, m.kv.free] for name, m in info.models.items()]
+        text += (f"\n\nModels: {size(info.memory_used) or '0B'} of a "
+                 f"{size(info.memory_budget) or '0B'} budget (weights and KV pools)\n")
+        text += columns(["MODEL", "WEIGHTS", "KV", "SWAP", "BLOCKS", "USED", "FREE"], per,
+                        left=("MODEL",))
     return text
 
 
@@ -100,14 +109,38 @@ def limits_text(limits) -> str:
 
 # ---- models, sysinfo, syscalls -------------------------------------------------------
 
-MODEL_HEADER = ["NAME", "TYPE", "LAYERS", "HIDDEN", "HEADS", "KV_HEADS", "VOCAB", "DTYPE",
-                "WEIGHTS", "MAX_LEN", "PATH"]
+MODEL_HEADER = ["NAME", "STATE", "TYPE", "PARAMS", "DTYPE", "QUANT", "WEIGHTS", "KV_BLOCKS",
+                "KV", "REQS", "CTXS", "IDLE", "KEEP", "MAX_LEN", "PATH"]
 
 
-def models_text(models) -> str:
-    rows = [[m.name, m.model_type, m.layers, m.hidden, m.heads, m.kv_heads, m.vocab, m.dtype,
-             size(m.weight_bytes), m.max_len, m.path] for m in models]
-    return columns(MODEL_HEADER, rows, left=("NAME", "TYPE", "DTYPE", "PATH"))
+def models_text(models, now: float | None = None) -> str:
+    """One row a model: its state ("loading 40%" while it loads; the default marked *),
+    size, memory, what uses it, how long it has been idle and may stay (KEEP: its
+    keep-alive, "forever" if none)."""
+    now = time.time() if now is None else now
+    rows = []
+    for m in models:
+        state = f"loading {m.progress:.0%}" if m.state == "loading" else m.state
+        loaded = m.state == "ready"
+        rows.append([m.name + (" *" if m.default else ""), state, m.model_type,
+                     count(m.params), m.dtype, m.quantize, size(m.weight_bytes),
+                     m.kv_blocks or None, size(m.kv_bytes), m.requests if loaded else None,
+                     m.contexts if loaded else None,
+                     duration(now - m.last_used) if loaded and m.last_used else None,
+                     ("forever" if m.keep_alive is None else duration(m.keep_alive))
+                     if loaded or m.keep_alive is not None else None,
+                     m.max_len or None, m.path])
+    return columns(MODEL_HEADER, rows, left=("NAME", "STATE", "TYPE", "DTYPE", "QUANT", "PATH"))
+
+
+def count(n) -> str | None:
+    """A count as 135M, 1.2B, 9.6K; None when unknown or zero."""
+    if not n:
+        return None
+    for unit, scale in (("B", 10 ** 9), ("M", 10 ** 6), ("K", 10 ** 3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}".replace(".0" + unit, unit)
+    return str(n)
 
 
 def sysinfo_text(info) -> str:

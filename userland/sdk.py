@@ -127,8 +127,9 @@ class Kernel:
         """A completion of exactly one of prompt / messages / token_ids.
 
         Options (omitted ones take the kernel's defaults): max_tokens, temperature, top_k,
-        top_p, min_p, seed, stop (a str or list), stop_token_ids, ignore_eos, model (the
-        name of a loaded model; ENOENT names the loaded ones), share (a prefix-cache share
+        top_p, min_p, seed, stop (a str or list), stop_token_ids, ignore_eos, model (a
+        registered name, a model directory or .gguf file, or "tiny"; absent: the kernel's
+        default model; one not loaded is loaded first; ENOENT names the names), share (a prefix-cache share
         group: by default only this process's tree reuses its cached prefixes).
         Returns a Completion; with stream=True, a Stream of Delta whose `.completion` is
         set once it is exhausted.
@@ -247,7 +248,37 @@ class Kernel:
         return MemInfo.from_wire(self._call(Sys.MEMINFO))
 
     def models(self) -> list[ModelInfo]:
+        """Every model the kernel has loaded, is loading, or has registered (ModelInfo.state
+        says which; `default` marks the model of calls that name none)."""
         return [ModelInfo.from_wire(m) for m in self._call(Sys.MODELS)["models"]]
+
+    def model_load(self, name: str, keep_alive: float | None = None,
+                   timeout: float | None = None) -> ModelInfo:
+        """Load model `name` (a registered name, a model directory or .gguf file, "tiny")
+        and return it once it is in; keep_alive: seconds it stays once idle (negative: for
+        ever). Owner only (EPERM). ENOENT: no such model; EINVAL: it cannot load (the
+        message names the file and why); ENOMEM: it does not fit, naming what holds the
+        memory."""
+        return ModelInfo.from_wire(self._call(Sys.MODEL_LOAD, timeout,
+                                              **_given(name=name, keep_alive=keep_alive)))
+
+    def model_unload(self, name: str) -> None:
+        """Unload model `name` now. Owner only. ENOENT: not loaded; EBUSY: a request or a
+        context of it is live."""
+        self._call(Sys.MODEL_UNLOAD, name=name)
+
+    def model_add(self, name: str, path: str, dtype: str | None = None,
+                  quantize: str | None = None, keep_alive: float | None = None) -> ModelInfo:
+        """Register `name` for the model directory or .gguf file at path (in the home's
+        models.toml), with the dtype and quantization it loads in. Owner only. EEXIST:
+        the name is taken; EINVAL: the model there cannot be read."""
+        return ModelInfo.from_wire(self._call(
+            Sys.MODEL_ADD, name=name, path=str(path),
+            **_given(dtype=dtype, quantize=quantize, keep_alive=keep_alive)))
+
+    def model_rm(self, name: str) -> None:
+        """Forget a registered name (a loaded model stays loaded). Owner only."""
+        self._call(Sys.MODEL_RM, name=name)
 
     def sysinfo(self) -> SysInfo:
         return SysInfo.from_wire(self._call(Sys.SYSINFO))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+from pathlib import Path
 
 from llmos.drivers.cpu import CpuDriver
 from llmos.kernel import Engine
@@ -100,3 +101,18 @@ def modelless(**options) -> Engine:
                     poison=True, **options)
     engine.runner = MarkRunner(engine)
     return engine
+
+
+def supervisor(home, engine: Engine, name: str, path, token: str, **options):
+    """A Supervisor (not started) whose default model `name` is engine, made in-process
+    from the checkpoint at path (its config and tokenizer are the engine's)."""
+    from llmos.kernel.kernel import Supervisor
+    from llmos.kernel.loader import ModelDir
+    from llmos.kernel.modeltable import ModelTable
+    from llmos.kernel.registry import ModelSpec, Registry
+    spec = ModelSpec(name, str(path))
+    registry = Registry(None)
+    registry.boot(spec, ModelDir(Path(path), engine.config, engine.tokenizer))
+    models = ModelTable(engine.driver)
+    models.adopt(spec, engine)
+    return Supervisor(home, models, registry, name, token, **options)

@@ -14,11 +14,12 @@ import time
 import pytest
 
 from llmos.kernel import Engine
-from llmos.kernel.kernel import Supervisor
+from llmos.kernel.load import EMBEDDED
 from llmos.kernel.syscall import Call, ConnState, SyscallTable, install
 from llmos.syscalls import Sys, wire
 from llmos.syscalls.home import Home
 from llmos.syscalls.types import ProcState
+from tests.kernel.engines import supervisor
 
 TOKEN = "owner-token"
 T = 30
@@ -77,7 +78,7 @@ def engine():
 def k(tmp_path, engine):
     home = Home(tmp_path / "home")
     home.log_dir.mkdir(parents=True)
-    kern = Supervisor(home, engine, "tiny", TOKEN)
+    kern = supervisor(home, engine, "tiny", EMBEDDED["tiny"], TOKEN)
     kern.tokenizers = ManualPool()
     kern.outbox = Outbox()
     yield kern
@@ -96,9 +97,9 @@ def run(k) -> None:
     """Apply the inbox and step until the engine is idle; publish a snapshot."""
     while True:
         k.loop._drain(block=False)
-        if not k.engine.has_work():
+        if not k.loop.models.has_work():
             break
-        k.engine.step()
+        k.loop.models.step()
     k.loop._publish()
 
 
@@ -303,6 +304,25 @@ def test_model_argument_is_honoured(k):
     kind, (code, msg) = answer(k, c, bad)
     assert (kind, code) == ("error", "ENOENT") and "tiny" in msg
     assert not k.procs.get(c.pid).requests
+
+
+def test_an_agent_names_models_but_only_the_owner_changes_them_or_names_paths(k, tmp_path):
+    owner = conn(k)
+    agent = k.procs.spawn(["/bin/sleep", "30"], parent=owner.pid, log_dir=k.home.log_dir)
+    a = conn(k, agent.token, b"agent")
+    assert answer(k, a, call(k, a, Sys.TOKENIZE, text="12+47=", model="tiny"))[0] == "ok"
+    path = str(EMBEDDED["tiny"])
+    kind, (code, msg) = answer(k, a, call(k, a, Sys.TOKENIZE, text="1", model=path))
+    assert (kind, code) == ("error", "EPERM") and "only the owner" in msg
+    assert answer(k, owner, call(k, owner, Sys.TOKENIZE, text="1", model=path))[0] == "ok"
+    for nr, args in ((Sys.MODEL_LOAD, {"name": "tiny"}), (Sys.MODEL_UNLOAD, {"name": "tiny"}),
+                     (Sys.MODEL_ADD, {"name": "t2", "path": path}), (Sys.MODEL_RM, {"name": "t2"})):
+        kind, (code, msg) = answer(k, a, call(k, a, nr, **args))
+        assert (kind, code) == ("error", "EPERM") and "only the owner" in msg
+    cid = call(k, owner, Sys.MODEL_UNLOAD, name="nope")
+    run(k)                                                 # the engine thread answers it
+    kind, (code, msg) = answer(k, owner, cid)
+    assert (kind, code) == ("error", "ENOENT")
 
 
 def test_long_texts_are_capped_and_tokenized_off_the_io_thread(k, engine):

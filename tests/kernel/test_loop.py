@@ -4,10 +4,10 @@ import threading
 import pytest
 
 from llmos.kernel import Engine
-from llmos.kernel.kernel import Supervisor
 from llmos.syscalls import Sys
 from llmos.syscalls.home import Home
 from llmos.syscalls.types import ProcState
+from tests.kernel.engines import supervisor
 from tests.kernel.test_kernel import TOKEN, Outbox, call, conn
 
 T = 60
@@ -18,7 +18,7 @@ def kernel(tmp_path, checkpoints):
     engine = Engine.from_pretrained(str(checkpoints["llama"]), num_blocks=64, poison=True)
     home = Home(tmp_path / "home")
     home.log_dir.mkdir(parents=True)
-    k = Supervisor(home, engine, "llama", TOKEN)
+    k = supervisor(home, engine, "llama", checkpoints["llama"], TOKEN)
     k.outbox = Outbox()
     k.loop.start()
     yield k
@@ -58,7 +58,7 @@ def test_a_crash_is_fatal_and_fails_what_is_queued(kernel):
         raise RuntimeError("broken invariant")
 
     c = conn(kernel)
-    kernel.engine.step = boom
+    kernel.loop.models.slots["llama"].engine.step = boom
     first = call(kernel, c, Sys.GENERATE, prompt="1+1=", max_tokens=4)
     assert crashed.wait(T) and not kernel.loop.alive
     later = call(kernel, c, Sys.GENERATE, prompt="1+1=", max_tokens=4)

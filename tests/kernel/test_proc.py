@@ -362,12 +362,12 @@ def test_on_exit_gets_what_it_held_and_release_makes_it_waitable(make_table, tmp
     shell = table.attach("sh")
     p = sleeper(table, tmp_path, shell.pid)
     p.requests.update({("peer", 1): 11, ("peer", 2): 12})
-    p.contexts.update({5, 6})
+    p.contexts.update({5: None, 6: None})
     early, w = start_wait(table, p.pid, shell.pid)
     assert w is not None and not early.done.is_set()
     table.kill(p.pid, "KILL", caller=shell.pid)
     assert hooks.wait_exit(p.pid) == (KILLED, [11, 12], {5, 6}, True)
-    assert p.requests == {} and p.contexts == set()
+    assert p.requests == {} and p.contexts == {}
     assert p.state is ProcState.ZOMBIE and p.releasing and not p.waitable and not p.alive
     assert table.by_token(p.token) is None          # zombies never authenticate
     late, w = start_wait(table, p.pid, shell.pid)

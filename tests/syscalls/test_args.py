@@ -40,6 +40,13 @@ GOOD = {
     Sys.SETRLIMIT: [{}, {"calls": 4}, {"pid": 3, "kv_blocks": 0, "contexts": "unlimited",
                                        "children": 2, "tokens_per_s": 10}],
     Sys.GETRLIMIT: [{}, {"pid": 3}],
+    Sys.MODEL_LOAD: [{"name": "tiny"}, {"name": "/data/m.gguf", "keep_alive": -1},
+                     {"name": "smol", "keep_alive": 300}],
+    Sys.MODEL_UNLOAD: [{"name": "smol"}],
+    Sys.MODEL_ADD: [{"name": "smol", "path": "/data/m.gguf"},
+                    {"name": "q", "path": "/m", "dtype": "bfloat16", "quantize": "int8",
+                     "keep_alive": 60}],
+    Sys.MODEL_RM: [{"name": "smol"}],
 }
 
 # (syscall, args, code, words the message must contain)
@@ -131,6 +138,17 @@ BAD = [
     (Sys.SETRLIMIT, {"tokens_per_s": math.inf}, EINVAL, "'tokens_per_s': expected a finite"),
     (Sys.SETRLIMIT, {"nice": 3}, EINVAL, "unknown argument 'nice'"),
     (Sys.GETRLIMIT, {"pid": -1}, EINVAL, "'pid': -1 is below"),
+    (Sys.MODEL_LOAD, {}, EINVAL, "missing argument 'name'"),
+    (Sys.MODEL_LOAD, {"name": ""}, EINVAL, "'name': too short"),
+    (Sys.MODEL_LOAD, {"name": "m", "keep_alive": "5m"}, EINVAL, "'keep_alive': expected float"),
+    (Sys.MODEL_LOAD, {"name": "m", "keep_alive": -2}, EINVAL, "'keep_alive': -2.0 must be >= -1"),
+    (Sys.MODEL_UNLOAD, {"name": "x" * 5000}, E2BIG, "'name': too long"),
+    (Sys.MODEL_ADD, {"name": "m"}, EINVAL, "missing argument 'path'"),
+    (Sys.MODEL_ADD, {"name": "m", "path": "/m", "dtype": "int4"}, EINVAL,
+     "'dtype': 'int4' is not one of auto, float32, bfloat16, float16"),
+    (Sys.MODEL_ADD, {"name": "m", "path": "/m", "quantize": "q4"}, EINVAL,
+     "'quantize': 'q4' is not one of int8"),
+    (Sys.MODEL_RM, {"name": 3}, EINVAL, "'name': expected str"),
 ]
 
 

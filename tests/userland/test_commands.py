@@ -101,7 +101,7 @@ def test_mem_models_sysinfo_as_columns(kernel_home):
         "total", "used", "cached", "free", "swap_total", "swap_free"]
     models = llmos(kernel_home, "models")
     assert models.returncode == 0
-    assert models.stdout.splitlines()[1].split()[:2] == ["tiny", "llama"]
+    assert models.stdout.splitlines()[1].split()[:4] == ["tiny", "*", "ready", "llama"]
     assert models.stdout.rstrip().endswith(os.path.join("tiny", "model"))      # path whole
     info = llmos(kernel_home, "sysinfo")
     rows = dict(line.split(None, 1) for line in info.stdout.splitlines()[1:])

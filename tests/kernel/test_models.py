@@ -1,0 +1,216 @@
+"""Several models in one kernel: names, loading on demand, eviction, keep-alive, pinning,
+broken models, loading beside serving. Real kernels on real sockets, real checkpoints."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from llmos.kernel import Engine
+from llmos.syscalls.errors import SyscallError
+from llmos.userland import connect
+from tests.kernels import running_kernel, start_kernel, stop_kernel, short_home, until
+
+T = 120
+PROMPT = [5, 6, 7, 8, 9]
+GREEDY = dict(max_tokens=12, ignore_eos=True)
+# Each model gets a 16M KV pool; 50M holds tiny (9.8M of weights) and one small
+# checkpoint (under 1M) beside it, but not a third model.
+SMALL = ("--kv-memory", "16M", "--memory", "50M")
+
+
+@pytest.fixture(scope="module")
+def ckpts(checkpoints):
+    return {"llama": str(checkpoints["llama"]), "qwen3": str(checkpoints["qwen3"])}
+
+
+def alone(path: str, prompt=PROMPT) -> list[int]:
+    """The greedy output of the model at path in an engine of its own."""
+    return Engine.from_pretrained(path, num_blocks=32).generate([prompt], **GREEDY)[0].token_ids
+
+
+def states(k) -> dict:
+    return {m.name: m.state for m in k.models()}
+
+
+def test_two_models_answer_in_one_kernel_as_each_does_alone(ckpts):
+    want = {"tiny": alone("tiny"), ckpts["llama"]: alone(ckpts["llama"])}
+    with running_kernel("--model", "tiny", "--model", ckpts["llama"]) as (home, _), \
+            connect(home, timeout=T) as k:
+        got, errors = {}, []
+
+        def ask(model):
+            try:
+                with connect(home, timeout=T) as kk:
+                    got[model] = [kk.generate(token_ids=PROMPT, model=model, **GREEDY).token_ids
+                                  for _ in range(3)]
+            except Exception as e:             # noqa: BLE001 — reported below
+                errors.append(e)
+        threads = [threading.Thread(target=ask, args=(m,)) for m in want]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T)
+        assert not errors
+        assert got == {m: [ids] * 3 for m, ids in want.items()}
+        assert k.generate(token_ids=PROMPT, **GREEDY).token_ids == want["tiny"]   # the default
+        assert k.tokenize("12+47=", model=ckpts["llama"]) != k.tokenize("12+47=")
+        rows = {m.name: m for m in k.models()}
+        assert [rows["tiny"].state, rows[ckpts["llama"]].state] == ["ready", "ready"]
+        assert rows["tiny"].default and not rows[ckpts["llama"]].default
+        assert rows[ckpts["llama"]].params > 0 and rows[ckpts["llama"]].kv_blocks > 0
+        mem = k.meminfo()
+        assert set(mem.models) == {"tiny", ckpts["llama"]}
+        assert mem.memory_used == sum(m.weight_bytes + m.kv_bytes for m in mem.models.values())
+        assert mem.kv.total == sum(m.kv.total for m in mem.models.values())
+        assert k.sysinfo().models == ["tiny", ckpts["llama"]]
+
+
+def test_idle_model_is_evicted_pinned_ones_never_and_enomem_names_the_holders(ckpts):
+    with running_kernel("--model", "tiny", *SMALL) as (home, _), connect(home, timeout=T) as k:
+        k.model_add("llama", ckpts["llama"])
+        k.model_add("qwen", ckpts["qwen3"])
+        first = k.generate(token_ids=PROMPT, **GREEDY).token_ids
+        # a context pins llama; tiny is idle and the least recently used: it goes for qwen
+        with k.context(model="llama") as ctx:
+            assert ctx.generate(token_ids=PROMPT, **GREEDY).token_ids == alone(ckpts["llama"])
+            assert states(k)["llama"] == "ready"
+            assert k.generate(token_ids=PROMPT, model="qwen", **GREEDY).token_ids == \
+                alone(ckpts["qwen3"])
+            assert states(k) == {"llama": "ready", "qwen": "ready"}
+            with k.context(model="qwen"):
+                # both pinned: tiny cannot come back, and the error says who holds what
+                with pytest.raises(SyscallError) as err:
+                    k.generate(token_ids=PROMPT, **GREEDY)
+                assert err.value.code == "ENOMEM"
+                assert "llama" in err.value.msg and "qwen" in err.value.msg
+                assert "context" in err.value.msg
+            # qwen's context is gone: qwen is idle and goes; tiny comes back, the same
+            assert k.generate(token_ids=PROMPT, **GREEDY).token_ids == first
+            assert states(k) == {"llama": "ready", "tiny": "ready", "qwen": "registered"}
+        with pytest.raises(SyscallError) as err:          # in use: not unloaded by hand
+            with k.context(model="tiny"):
+                k.model_unload("tiny")
+        assert err.value.code == "EBUSY"
+        k.model_unload("llama")
+        assert states(k)["llama"] == "registered"
+
+
+def test_a_model_larger_than_the_whole_budget_does_not_boot():
+    import subprocess
+    import sys
+    home = short_home()
+    out = subprocess.run([sys.executable, "-m", "llmos.kernel", "--home", home, "--kv-memory",
+                          "16M", "--memory", "10M"], capture_output=True, text=True, timeout=T)
+    os.system(f"rm -rf {home}")
+    assert out.returncode == 2
+    assert "ENOMEM" in out.stderr and "more than the whole memory budget" in out.stderr
+
+
+def test_keep_alive_unloads_an_idle_model(ckpts):
+    with running_kernel("--model", "tiny", "--keep-alive", "0.5") as (home, _), \
+            connect(home, timeout=T) as k:
+        k.model_add("llama", ckpts["llama"])
+        k.generate(token_ids=PROMPT, model="llama", **GREEDY)     # loaded on demand
+        until(lambda: states(k)["llama"] == "registered", "llama unloaded", T)
+        assert states(k)["tiny"] == "ready"                      # boot models stay
+        k.model_load("llama", keep_alive=-1)                     # for ever, this load
+        assert k.models()[[m.name for m in k.models()].index("llama")].keep_alive is None
+
+
+def test_a_broken_model_fails_only_its_own_call(tmp_path, ckpts):
+    bad_config = tmp_path / "bad_config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    bad_weights = tmp_path / "bad_weights"
+    bad_weights.mkdir()
+    for f in Path(ckpts["llama"]).iterdir():
+        (bad_weights / f.name).write_bytes(f.read_bytes())
+    data = (bad_weights / "model.safetensors").read_bytes()
+    (bad_weights / "model.safetensors").write_bytes(data[:len(data) // 2])   # truncated
+    with running_kernel("--model", "tiny") as (home, _), connect(home, timeout=T) as k:
+        want = k.generate(token_ids=PROMPT, **GREEDY).token_ids
+        with pytest.raises(SyscallError) as err:
+            k.generate(token_ids=PROMPT, model=str(bad_config), **GREEDY)
+        assert err.value.code == "EINVAL" and "config.json" in err.value.msg
+        with pytest.raises(SyscallError) as err:                  # fails on the loader thread
+            k.generate(token_ids=PROMPT, model=str(bad_weights), **GREEDY)
+        assert err.value.code == "EINVAL" and "model.safetensors" in err.value.msg
+        with pytest.raises(SyscallError) as err:
+            k.model_add("broken", str(bad_config))
+        assert err.value.code == "EINVAL"
+        assert k.generate(token_ids=PROMPT, **GREEDY).token_ids == want
+        assert states(k) == {"tiny": "ready"}
+
+
+def test_other_models_decode_while_one_loads(tmp_path, ckpts):
+    gate = tmp_path / "go"
+    home = short_home()
+    proc = start_kernel(home, "--model", "tiny", env={"LLMOS_FAULT": f"load-wait:{gate}"})
+    try:
+        with connect(home, timeout=T) as k:
+            result = {}
+            loader = threading.Thread(target=lambda: result.setdefault(
+                "ids", k.generate(token_ids=PROMPT, model=ckpts["llama"], **GREEDY).token_ids))
+            loader.start()
+            until(lambda: states(k).get(ckpts["llama"]) == "loading", "llama loading", T)
+            for _ in range(3):                   # tiny serves while llama's load is held
+                assert k.generate("12+47=", max_tokens=4).text
+            assert states(k)[ckpts["llama"]] == "loading" and "ids" not in result
+            gate.touch()
+            loader.join(T)
+            assert result["ids"] == alone(ckpts["llama"])
+    finally:
+        stop_kernel(proc)
+
+
+def test_registry_persists_and_the_cli_drives_it(ckpts):
+    from tests.userland.test_commands import llmos
+    home = short_home()
+    proc = start_kernel(home)
+    try:
+        add = llmos(home, "models", "add", "smol", ckpts["llama"], "--keep-alive", "10m")
+        assert add.returncode == 0, add.stderr
+        assert llmos(home, "models", "add", "smol", ckpts["llama"]).returncode == 1  # EEXIST
+        load = llmos(home, "models", "load", "smol")
+        assert load.returncode == 0 and "loaded in" in load.stdout
+        listing = llmos(home, "models").stdout.splitlines()
+        assert [line.split()[:2] for line in listing[1:]] == [["tiny", "*"], ["smol", "ready"]]
+        gen = llmos(home, "generate", "--model", "smol", "-n", "4", "--ignore-eos", "Hello")
+        assert gen.returncode == 0 and "4 completion tokens" in gen.stderr      # the kernel's
+        assert llmos(home, "models", "unload", "smol").returncode == 0
+        assert "registered" in llmos(home, "models").stdout
+    finally:
+        stop_kernel(proc)
+    assert 'path = "' in (Path(home) / "models.toml").read_text()
+    proc = start_kernel(home)                                    # a new boot: still there
+    try:
+        with connect(home, timeout=T) as k:
+            assert states(k) == {"tiny": "ready", "smol": "registered"}
+            assert k.generate(token_ids=PROMPT, model="smol", **GREEDY).token_ids == \
+                alone(ckpts["llama"])
+            k.model_rm("smol")
+            with pytest.raises(SyscallError) as err:
+                k.generate(token_ids=PROMPT, model="smol", **GREEDY)
+            assert err.value.code == "ENOENT"
+    finally:
+        stop_kernel(proc)
+    assert "smol" not in (Path(home) / "models.toml").read_text()
+    os.system(f"rm -rf {home}")
+
+
+def test_keep_alive_and_budget_options_mean_what_they_say():
+    import subprocess
+    import sys
+
+    from llmos.drivers.cpu import CpuDriver
+    from llmos.kernel.modeltable import FOREVER, ModelTable
+    assert ModelTable(CpuDriver(), 1 << 30, keep_alive=-1).keep_alive == FOREVER   # -1: for ever
+    assert ModelTable(CpuDriver(), 1 << 30, keep_alive=90).keep_alive == 90
+    assert ModelTable(CpuDriver(), 1 << 30).keep_alive == 300                      # 5 minutes
+    assert ModelTable(CpuDriver()).budget <= 8 << 30                             # capped on a CPU
+    helped = subprocess.run([sys.executable, "-m", "llmos.kernel", "--help"],
+                            capture_output=True, text=True, timeout=T)
+    assert helped.returncode == 0 and "--keep-alive" in helped.stdout
