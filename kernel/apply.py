@@ -180,21 +180,19 @@ class Commands:
 
     def _create_context(self, c: cmd.CreateContext) -> None:
         engine = self._engine_for(c)
-        if engine is None:
-            return
-        try:
-            engine.context_create(c.tokens, salt=c.salt, context_id=c.context, owner=c.proc,
-                                       account=c.proc.acct)
-        except SyscallError as e:
-            self._disown(c.proc, c.context)
-            c.call.error(e.code, e.msg)
-            return
-        c.call.reply({"context": c.context})
+        if engine is not None:
+            self._context_made(c, lambda: engine.context_create(
+                c.tokens, salt=c.salt, context_id=c.context, owner=c.proc, account=c.proc.acct))
 
     def _fork_context(self, c: cmd.ForkContext) -> None:
+        self._context_made(c, lambda: self._holder(c.source).context_fork(
+            c.source, context_id=c.context, owner=c.proc, account=c.proc.acct))
+
+    def _context_made(self, c, make) -> None:
+        """make() context c.context: the call gets its id, or the error (and the process
+        no longer owns the id)."""
         try:
-            self._holder(c.source).context_fork(c.source, context_id=c.context, owner=c.proc,
-                                     account=c.proc.acct)
+            make()
         except SyscallError as e:
             self._disown(c.proc, c.context)
             c.call.error(e.code, e.msg)

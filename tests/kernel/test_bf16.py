@@ -31,9 +31,9 @@ def test_bf16_keeps_tinys_accuracy():
     assert same >= 0.9, f"only {same:.0%} of greedy answers agree with float32"
 
 
-def prefill_logits(path, dtype: str, ids: list[int]) -> torch.Tensor:
+def prefill_logits(path, dtype: str, ids: list[int], quantize: str | None = None) -> torch.Tensor:
     """Logits at every position of one prompt, through the engine's model and KV pool."""
-    engine = Engine.from_pretrained(str(path), dtype=dtype, num_blocks=16)
+    engine = Engine.from_pretrained(str(path), dtype=dtype, quantize=quantize, num_blocks=16)
     n, bs = len(ids), engine.block_size
     batch = AttentionBatch(slot_mapping=torch.arange(n),
                            block_tables=torch.arange(-(-n // bs), dtype=torch.int32)[None],

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from llmos.kernel import Engine
-from llmos.kernel.models.llama import AttentionBatch, CausalLM
+from llmos.kernel.load import open_model
+from llmos.kernel.models.llama import CausalLM
 from llmos.kernel.tiny import tasks
+from tests.kernel.test_bf16 import prefill_logits as bf16_prefill_logits
 
 PER_TASK = 40     # held-out examples of each task: 120 in all, one answer is 0.83 points
 TEXT = ("The quick brown fox jumps over the lazy dog. An operating system for language "
@@ -54,16 +56,8 @@ def test_int8_keeps_tinys_answers(tiny):
 
 def prefill_logits(path, quantize: str | None) -> tuple[torch.Tensor, list[int]]:
     """float32 logits at every position of TEXT, through the engine's model and KV pool."""
-    engine = Engine.from_pretrained(str(path), dtype="float32", quantize=quantize, num_blocks=16)
-    ids = engine.tokenizer.encode(TEXT)
-    n, bs = len(ids), engine.block_size
-    batch = AttentionBatch(slot_mapping=torch.arange(n),
-                           block_tables=torch.arange(-(-n // bs), dtype=torch.int32)[None],
-                           seq_lens=torch.tensor([n], dtype=torch.int32),
-                           query_start_loc=torch.tensor([0, n], dtype=torch.int32))
-    with torch.inference_mode():
-        hidden = engine.model(torch.tensor(ids), torch.arange(n), engine.kv_caches, batch)
-        return engine.model.logits(hidden), ids
+    ids = open_model(str(path)).tokenizer.encode(TEXT)
+    return bf16_prefill_logits(path, "float32", ids, quantize), ids
 
 
 def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
