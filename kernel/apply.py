@@ -110,9 +110,9 @@ class Commands:
             return
         try:
             engine.add_request(c.tokens, chat=c.chat, context=c.context,
-                                    on_event=partial(self._output, c), salt=c.salt,
-                                    stream=c.stream, request_id=c.rid, owner=c.proc,
-                                    account=c.proc.acct, **c.sampling)
+                               on_event=partial(self._output, c), salt=c.salt,
+                               stream=c.stream, request_id=c.rid, owner=c.proc,
+                               account=c.proc.acct, **c.sampling)
         except SyscallError as e:          # EngineError and its kinds
             self._forget(c)
             self._refused(c, e.msg)
@@ -176,6 +176,7 @@ class Commands:
             slot = self.models.with_context(cid)
             if slot is not None:
                 slot.engine.context_free(cid)
+                self.models.touch(slot)           # its keep-alive counts from now
         self.procs.released(c.proc)
 
     def _create_context(self, c: cmd.CreateContext) -> None:
@@ -207,6 +208,7 @@ class Commands:
         slot = self.models.with_context(c.context)
         if slot is not None:
             slot.engine.context_free(c.context)
+            self.models.touch(slot)               # its keep-alive counts from now
         c.call.reply({})
 
     def _describe_context(self, c: cmd.DescribeContext) -> None:

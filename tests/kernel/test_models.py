@@ -109,15 +109,21 @@ def test_a_model_larger_than_the_whole_budget_does_not_boot():
     assert "ENOMEM" in out.stderr and "more than the whole memory budget" in out.stderr
 
 
-def test_keep_alive_unloads_an_idle_model(ckpts):
-    with running_kernel("--model", "tiny", "--keep-alive", "0.5") as (home, _), \
+def test_keep_alive_unloads_an_idle_model_and_counts_from_its_last_use(ckpts):
+    import time
+    with running_kernel("--model", "tiny", "--keep-alive", "5") as (home, _), \
             connect(home, timeout=T) as k:
         k.model_add("llama", ckpts["llama"])
         k.generate(token_ids=PROMPT, model="llama", **GREEDY)     # loaded on demand
         until(lambda: states(k)["llama"] == "registered", "llama unloaded", T)
+        with k.context(model="llama"):                           # pinned while it lives
+            time.sleep(6)
+            assert states(k)["llama"] == "ready"
+        assert states(k)["llama"] == "ready"           # idle from the context's end, not before
+        until(lambda: states(k)["llama"] == "registered", "llama unloaded again", T)
         assert states(k)["tiny"] == "ready"                      # boot models stay
         k.model_load("llama", keep_alive=-1)                     # for ever, this load
-        assert k.models()[[m.name for m in k.models()].index("llama")].keep_alive is None
+        assert {m.name: m.keep_alive for m in k.models()}["llama"] is None
 
 
 def test_a_broken_model_fails_only_its_own_call(tmp_path, ckpts):
