@@ -1,5 +1,6 @@
 """The engine loop on a thread of its own: commands from many threads, a fatal crash."""
 import threading
+import time
 
 import pytest
 
@@ -69,3 +70,47 @@ def test_a_crash_is_fatal_and_fails_what_is_queued(kernel):
     kernel.procs.detach(child.pid, 5)           # a death is still released, not left hanging
     assert kernel.procs.get(child.pid).waitable
     assert kernel.procs.get(child.pid).state is ProcState.ZOMBIE
+
+
+def test_work_waiting_for_a_loading_model_goes_with_its_process(kernel, checkpoints, tmp_path,
+                                                                monkeypatch):
+    from llmos.kernel.registry import ModelSpec
+    gate = tmp_path / "go"
+    monkeypatch.setenv("LLMOS_FAULT", f"load-wait:{gate}")      # the load is held until gate
+    kernel.registry.boot(ModelSpec("qwen", str(checkpoints["qwen3"])))
+    owner = conn(kernel)
+    agent = kernel.procs.spawn(["/bin/sleep", "30"], parent=owner.pid, log_dir=kernel.home.log_dir)
+    a = conn(kernel, agent.token, b"agent")
+    cid = call(kernel, a, Sys.GENERATE, token_ids=[5, 6, 7], model="qwen", max_tokens=8)
+    canceled = call(kernel, a, Sys.GENERATE, token_ids=[5, 6], model="qwen", max_tokens=8)
+    slot = until_slot(kernel, "qwen", waiting=2)
+    assert call_ok(kernel, a, Sys.CANCEL, call=canceled)
+    assert kernel.outbox.reply(a.peer, canceled, T)[1]["finish_reason"] == "abort"
+    kernel.procs.kill(agent.pid, "KILL", caller=owner.pid)      # dies while its call waits
+    deadline = time.monotonic() + T
+    while slot.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not slot.waiting                                     # taken out, not left to run
+    gate.touch()
+    deadline = time.monotonic() + T
+    while slot.state != "ready" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine = slot.engine
+    assert engine is not None and not engine.requests and engine.stats["generated_tokens"] == 0
+    assert not kernel.procs.get(agent.pid).requests
+    del cid
+
+
+def until_slot(kernel, name, waiting, timeout=T):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        slot = kernel.loop.models.slots.get(name)
+        if slot is not None and len(slot.waiting) >= waiting:
+            return slot
+        time.sleep(0.01)
+    raise AssertionError(f"no {waiting} commands waiting for {name}")
+
+
+def call_ok(kernel, c, nr, **args) -> bool:
+    cid = call(kernel, c, nr, **args)
+    return kernel.outbox.reply(c.peer, cid, T)[0] == "ok"
