@@ -26,7 +26,7 @@ two     A kernel serving tiny and llama4. --clients streaming clients per model 
         tokens are counted as they arrive in a --window of seconds after a warm-up. Per
         round, in rotated order: tiny alone, llama4 alone, both together. Per model:
         together / alone. Sum of shares: the two ratios added; 1.0 when the models only
-        take turns at no cost, below it when switching between them loses throughput.
+        share the engine at no cost, below it when switching between them loses throughput.
 dtypes  In-process engines on the 100M model: float32, bfloat16 and int8 (weight-only,
         float32 activations). Decode tok/s of --requests requests of a 16-token prompt and
         N+1 new tokens each: the engine's steps after every request has its first token

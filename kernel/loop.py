@@ -1,7 +1,7 @@
 """The engine loop: the one thread that owns the engine, fed through the typed inbox.
 
 It owns the model table (kernel/modeltable.py): every loaded model's engine, stepped
-round-robin, and the loads in flight.
+in turn by engine time, and the loads in flight.
 
 The daemon runs it on its main thread (`run`): torch's OpenMP pool serves the thread
 that created it best, and the same engine ran about 2x slower per step from a second
@@ -12,8 +12,8 @@ One turn of the loop:
      (kernel/inbox.py); when the engine is idle, block for the first one (at most until
      throttled work may run again: engine.wake_in) and gather what else arrives within
      ARRIVAL_WINDOW, so that requests sent together share a step;
-  2. if a model has work, run one step of the next one (round-robin); its outputs
-     answer their calls; unload models whose keep-alive ran out;
+  2. if a model has work, run one step of the one that has had the least engine time;
+     its outputs answer their calls; unload models whose keep-alive ran out;
   3. publish a Snapshot (what ps, meminfo and sysinfo read) at most every
      SNAPSHOT_PERIOD while busy, and whenever the engine falls idle;
   4. a step that raises is fatal: the loop stops, every queued and later command fails

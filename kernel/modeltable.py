@@ -13,8 +13,9 @@ The rules:
     until its Loaded command comes back through the inbox, and commands for it wait in
     the slot, in order, meanwhile (kernel/loop.py);
   - a model idle longer than its keep-alive is unloaded (`expire`);
-  - `step` runs one step of the next model with work, round-robin, so a long prefill of
-    one model delays another model's decodes by one step at most.
+  - `step` runs one step of the model with work that has had the least engine time, so
+    models share the engine thread by time, and a long prefill of one model delays
+    another model's decodes by one step at most.
 
 Engine thread only, except `progress` of a slot (written by the loader thread, read by
 anyone) and `budget` (read by anyone).
@@ -58,6 +59,8 @@ class Slot:
     loaded_at: float = 0.0             # time.time() when it became READY
     load_seconds: float = 0.0
     progress: float = 0.0              # share of the weights read (the loader thread's)
+    engine_time: float = 0.0           # seconds of engine steps it had (ModelTable.step)
+    was_busy: bool = False             # it had work at the previous step
     waiting: list = field(default_factory=list)   # commands that came while LOADING
 
     @property
@@ -102,7 +105,6 @@ class ModelTable:
         self.retired = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0,
                         "preemptions": 0, "paged_out": 0, "paged_in": 0}
         self.unloads = 0
-        self._turn = 0
         self._loader = ThreadPoolExecutor(1, "llmos-loader")
 
     def close(self) -> None:
@@ -268,15 +270,24 @@ class ModelTable:
         return any(e.has_work() for e in self.engines())
 
     def step(self) -> None:
-        """One step of the next model with work (round-robin)."""
-        ready = self.ready()
-        for i in range(len(ready)):
-            slot = ready[(self._turn + i) % len(ready)]
-            if slot.engine.has_work():
-                self._turn = (self._turn + i + 1) % len(ready)
-                slot.last_used = self.clock()
-                slot.engine.step()
-                return
+        """One step of the model with work that has had the least engine time (as CFS's
+        vruntime): models share the engine thread by time, not by steps, so a model with
+        short steps is not held to a slow model's step rate; and a model that just ran a
+        long step (a prefill) waits until the others caught up, so their decodes wait one
+        step at most. A model that comes back from idle starts level with the busy ones."""
+        busy = [s for s in self.ready() if s.engine.has_work()]
+        if not busy:
+            return
+        level = min((s.engine_time for s in busy if s.was_busy), default=0.0)
+        for s in busy:
+            if not s.was_busy:
+                s.engine_time, s.was_busy = max(s.engine_time, level), True
+        for s in self.ready():
+            s.was_busy = s in busy
+        slot = min(busy, key=lambda s: s.engine_time)
+        started = slot.last_used = self.clock()
+        slot.engine.step()
+        slot.engine_time += self.clock() - started
 
     def wake_in(self) -> float | None:
         """With no work now: seconds until throttled work may run or a keep-alive runs

@@ -220,3 +220,45 @@ def test_keep_alive_and_budget_options_mean_what_they_say():
     helped = subprocess.run([sys.executable, "-m", "llmos.kernel", "--help"],
                             capture_output=True, text=True, timeout=T)
     assert helped.returncode == 0 and "--keep-alive" in helped.stdout
+
+
+class Steps:
+    """A stand-in engine for the table's choice of whom to step: each step takes `cost`
+    seconds of the table's (fake) clock; `work` says whether it has any."""
+    requests, contexts = {}, {}
+
+    def __init__(self, clock, cost: float):
+        self.clock, self.cost, self.work, self.steps = clock, cost, True, 0
+
+    def has_work(self) -> bool:
+        return self.work
+
+    def step(self) -> None:
+        self.clock.t += self.cost
+        self.steps += 1
+
+
+def test_models_share_the_engine_thread_by_time_not_by_steps():
+    from llmos.drivers.cpu import CpuDriver
+    from llmos.kernel.modeltable import READY, ModelTable, Slot
+    from llmos.kernel.registry import ModelSpec
+    from tests.kernel.stepper import Clock
+    clock = Clock()
+    table = ModelTable(CpuDriver(), 1 << 30, clock=clock)
+    slow, fast = Steps(clock, 10.0), Steps(clock, 1.0)
+    for name, engine in (("slow", slow), ("fast", fast)):
+        table.slots[name] = Slot(ModelSpec(name, "/m"), None, 60, state=READY, engine=engine)
+    for _ in range(220):
+        table.step()
+    assert slow.steps == 20 and fast.steps == 200           # equal time: 200 s each
+    fast.work = False
+    for _ in range(10):                                       # fast idle: slow runs alone
+        table.step()
+    fast.work = True
+    picks = []
+    for _ in range(22):
+        before = fast.steps
+        table.step()
+        picks.append("fast" if fast.steps > before else "slow")
+    # back from idle, fast starts level with slow: it does not take 100 s of catching up
+    assert picks.count("slow") == 2 and "slow" in picks[:11]
