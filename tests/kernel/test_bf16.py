@@ -13,9 +13,11 @@ from llmos.kernel.tiny import tasks
 PER_TASK = 80     # held-out examples of each task: 240 in all, one answer is 0.42 points
 
 
-def tiny_answers(dtype: str):
-    engine = Engine.from_pretrained("tiny", dtype=dtype)
-    cases = [ex + (task,) for task in tasks.TASKS for ex in tasks.examples(task, PER_TASK, "test")]
+def tiny_answers(dtype: str | Engine, per_task: int = PER_TASK):
+    """(greedy token ids, accuracy) of tiny (loaded in dtype, or this engine) on
+    per_task held-out examples of each task."""
+    engine = dtype if isinstance(dtype, Engine) else Engine.from_pretrained("tiny", dtype=dtype)
+    cases = [ex + (task,) for task in tasks.TASKS for ex in tasks.examples(task, per_task, "test")]
     prompts = [engine.tokenizer.encode_chat(p) if isinstance(p, list) else engine.tokenizer.encode(p)
                for p, _, _ in cases]
     got = engine.generate(prompts, max_tokens=12)

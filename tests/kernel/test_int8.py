@@ -14,8 +14,8 @@ import torch
 from llmos.kernel import Engine
 from llmos.kernel.load import open_model
 from llmos.kernel.models.llama import CausalLM
-from llmos.kernel.tiny import tasks
 from tests.kernel.test_bf16 import prefill_logits as bf16_prefill_logits
+from tests.kernel.test_bf16 import tiny_answers as bf16_tiny_answers
 
 PER_TASK = 40     # held-out examples of each task: 120 in all, one answer is 0.83 points
 TEXT = ("The quick brown fox jumps over the lazy dog. An operating system for language "
@@ -37,12 +37,7 @@ def tiny():
 
 
 def tiny_answers(engine: Engine):
-    cases = [ex + (task,) for task in tasks.TASKS for ex in tasks.examples(task, PER_TASK, "test")]
-    prompts = [engine.tokenizer.encode_chat(p) if isinstance(p, list) else engine.tokenizer.encode(p)
-               for p, _, _ in cases]
-    got = engine.generate(prompts, max_tokens=12)
-    right = [tasks.score(task, c.text, expected) for c, (_, expected, task) in zip(got, cases)]
-    return [c.token_ids for c in got], sum(right) / len(right)
+    return bf16_tiny_answers(engine, PER_TASK)
 
 
 def test_int8_keeps_tinys_answers(tiny):
