@@ -23,6 +23,7 @@ anyone) and `budget` (read by anyone).
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import math
 import os
@@ -369,7 +370,10 @@ def _keep_alive(asked: float | None, default: float) -> float:
 
 
 def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "model"
+    """A directory name for model name's disk tier: readable, and distinct for distinct
+    names ("a/b" and "a_b" read alike)."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)[-48:]}-{digest}"
 
 
 def _size(n: int) -> str:

@@ -203,8 +203,9 @@ class Registry:
 
 
 def _toml_str(s: str) -> str:
-    """A TOML basic string: JSON's escapes are TOML's."""
-    return json.dumps(s)
+    """A TOML basic string: JSON's escapes are TOML's (not its surrogate pairs, so
+    non-ASCII stays as it is; and TOML also escapes DEL)."""
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _keep_alive(value) -> float | None:
