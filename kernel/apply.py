@@ -31,6 +31,13 @@ class Commands:
         """The engine of c's model, or None: c waits in the slot of a model that is loading
         (admitted now if it was not loaded), or failed because the model cannot load."""
         slot = self.models.slots.get(c.model.name)
+        if slot is not None and slot.spec != c.model:   # the name now stands for another model
+            try:
+                self.models.replace(slot)
+            except SyscallError as e:
+                self._refuse(c, e)
+                return None
+            slot = None
         if slot is None:
             try:
                 slot = self.models.admit(c.model, self.models.plan(c.model, c.mdir),
@@ -181,7 +188,11 @@ class Commands:
 
     def _create_context(self, c: cmd.CreateContext) -> None:
         engine = self._engine_for(c)
-        if engine is not None:
+        with self.procs.lock:
+            owned = c.context in c.proc.contexts
+        if engine is not None and not owned:        # freed, or its process died, meanwhile
+            c.call.error(ESRCH, f"context: context {c.context} was freed before it was made")
+        elif engine is not None:
             self._context_made(c, lambda: engine.context_create(
                 c.tokens, salt=c.salt, context_id=c.context, owner=c.proc, account=c.proc.acct))
 
@@ -209,6 +220,8 @@ class Commands:
         if slot is not None:
             slot.engine.context_free(c.context)
             self.models.touch(slot)               # its keep-alive counts from now
+        else:                                     # its model is loading: never make it
+            self._withdraw(contexts={c.context})
         c.call.reply({})
 
     def _describe_context(self, c: cmd.DescribeContext) -> None:

@@ -12,6 +12,7 @@ engine crashed, 2 when it could not boot (the message, on stderr, says why).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -78,8 +79,8 @@ def boot(home_dir=None, model: str | list = "tiny", driver="cpu", kv_memory=None
                             keep_alive=tunables.KEEP_ALIVE if keep_alive is None else keep_alive,
                             plan_options=plan_options, engine_options=engine_options)
         for name in names:                                   #    the boot models loaded
-            spec = registry.resolve(name)
-            registry.boot(spec)
+            spec = dataclasses.replace(registry.resolve(name), keep_alive=-1)   # for ever,
+            registry.boot(spec)                              # also when reloaded after eviction
             models.load_now(spec, registry.open(spec))
         engine = models.slots[names[0]].engine
         _inject_faults(engine)

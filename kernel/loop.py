@@ -166,8 +166,13 @@ class EngineLoop(Commands):
 
     # ---- after a stop or crash ----------------------------------------------------------
     def _fail_queued(self) -> None:
+        """Fail what is queued, and what waits for a model that is loading."""
         while (c := self.inbox.get(timeout=0)) is not None:
             self._fail(c)
+        for slot in list(self.models.slots.values()):
+            waiting, slot.waiting = slot.waiting, []
+            for c in waiting:
+                self._fail(c)
 
     def _fail(self, c) -> None:
         """A command that will never run: its call fails, a dead process is released."""

@@ -10,11 +10,14 @@ Threads: called on the I/O thread.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
-from llmos.syscalls.errors import EPERM, SyscallError
+from llmos.syscalls.errors import EIO, EPERM, SyscallError
 from llmos.syscalls.types import ModelInfo
 
 from . import inbox as cmd
+
+log = logging.getLogger("llmos.models")
 
 
 class ModelCalls:
@@ -68,6 +71,9 @@ class ModelCalls:
                 spec = self.registry.add(name, path, dtype, quantize, keep_alive)
             except SyscallError as e:
                 return call.error(e.code, e.msg)
+            except Exception as e:          # noqa: BLE001 — a worker's failure answers its call
+                log.exception("models add %s %s failed", name, path)
+                return call.error(EIO, f"models add: {type(e).__name__}: {e} (see the kernel log)")
             call.reply(self._registered(spec))
         self.tokenizers.submit(work)
 

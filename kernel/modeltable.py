@@ -27,9 +27,10 @@ import hashlib
 import logging
 import math
 import os
+import queue
 import re
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -106,10 +107,18 @@ class ModelTable:
         self.retired = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0,
                         "preemptions": 0, "paged_out": 0, "paged_in": 0}
         self.unloads = 0
-        self._loader = ThreadPoolExecutor(1, "llmos-loader")
+        # One loader thread, a daemon: a kernel that shuts down mid-load exits at once.
+        self._loads: queue.SimpleQueue = queue.SimpleQueue()
+        self._loader = threading.Thread(target=self._loader_run, name="llmos-loader",
+                                        daemon=True)
 
     def close(self) -> None:
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        """Stop the loader thread after the load in hand (if the process lives on)."""
+        self._loads.put(None)
+
+    def _loader_run(self) -> None:
+        while (slot := self._loads.get()) is not None:
+            self._load(slot)
 
     # ---- admitting and loading --------------------------------------------------------
     def plan(self, spec: ModelSpec, mdir) -> Plan:
@@ -129,14 +138,16 @@ class ModelTable:
         self.slots[spec.name] = slot
         log.info("loading model %s from %s (%s, %s of weights and KV)", spec.name, spec.path,
                  str(p.dtype).removeprefix("torch."), _size(p.device_bytes))
-        self._loader.submit(self._load, slot)
+        if not self._loader.is_alive():
+            self._loader.start()
+        self._loads.put(slot)
         return slot
 
     def load_now(self, spec: ModelSpec, mdir, keep_alive: float | None = None) -> Slot:
         """Load spec on this thread (at boot, before the engine loop runs). Raises
         ENOMEM, CheckpointError, ValueError."""
         p = self.plan(spec, mdir)
-        self._make_room(spec.name, p.device_bytes)
+        self._make_room(spec.name, p.device_bytes, evict=False)   # boot models all stay
         slot = Slot(spec, p, _keep_alive(keep_alive if keep_alive is not None
                                          else spec.keep_alive, FOREVER))
         self.slots[spec.name] = slot
@@ -161,7 +172,8 @@ class ModelTable:
         try:
             engine, error = self._build(slot), None
         except Exception as e:                  # noqa: BLE001 — the load fails, the kernel goes on
-            code = ENOMEM if isinstance(e, MemoryError) else \
+            oom = isinstance(e, MemoryError) or "OutOfMemory" in type(e).__name__   # torch.cuda's
+            code = ENOMEM if oom else \
                 EINVAL if isinstance(e, ValueError) else EIO     # CheckpointError: a ValueError
             log.error("model %s failed to load: %s", slot.name, e,
                       exc_info=e if code == EIO else None)
@@ -202,22 +214,26 @@ class ModelTable:
         if self.slots.get(slot.name) is slot:
             del self.slots[slot.name]
 
-    def _make_room(self, name: str, need: int) -> None:
-        """Unload idle models, least recently used first, until need bytes fit. Raises
-        ENOMEM naming what holds the memory if they cannot."""
+    def _make_room(self, name: str, need: int, evict: bool = True) -> None:
+        """Unload idle models (if evict), least recently used first, until need bytes fit.
+        Raises ENOMEM naming what holds the memory if they cannot; then nothing is
+        unloaded."""
         if need > self.budget:
             raise SyscallError(ENOMEM, f"model {name!r}: needs {_size(need)} (weights and KV "
                                        f"pool), more than the whole memory budget of "
                                        f"{_size(self.budget)} (llmos up --memory)")
-        while self.used() + need > self.budget:
-            idle = sorted((s for s in self.slots.values() if s.idle()), key=lambda s: s.last_used)
-            if not idle:
-                held = "; ".join(f"{s.name} {_size(s.bytes)} ({s.holders()})"
-                                 for s in self.slots.values())
-                raise SyscallError(ENOMEM, f"model {name!r}: needs {_size(need)} but "
-                                           f"{_size(self.used())} of the {_size(self.budget)} "
-                                           f"budget is held by models in use: {held}")
-            self._unload(idle[0], "to make room for " + name)
+        idle = sorted((s for s in self.slots.values() if evict and s.idle()),
+                      key=lambda s: s.last_used)
+        if self.used() - sum(s.bytes for s in idle) + need > self.budget:
+            held = "; ".join(f"{s.name} {_size(s.bytes)} ({s.holders() or 'idle'})"
+                             for s in self.slots.values())
+            raise SyscallError(ENOMEM, f"model {name!r}: needs {_size(need)} but "
+                                       f"{_size(self.used())} of the {_size(self.budget)} "
+                                       f"budget is held by {held}")
+        for slot in idle:
+            if self.used() + need <= self.budget:
+                break
+            self._unload(slot, "to make room for " + name)
 
     # ---- unloading --------------------------------------------------------------------
     def unload(self, name: str) -> Slot:
@@ -229,6 +245,15 @@ class ModelTable:
             raise SyscallError(EBUSY, f"model {name!r} is in use: {slot.holders()}")
         self._unload(slot, "asked")
         return slot
+
+    def replace(self, slot: Slot) -> None:
+        """slot's name now stands for another model (re-registered, or its file changed):
+        unload the old one so the name can load anew. Raises EBUSY while it is in use."""
+        if not slot.idle():
+            raise SyscallError(EBUSY, f"model {slot.name!r}: the name now stands for another "
+                                      f"model, but the one loaded under it ({slot.spec.path}) "
+                                      f"is in use: {slot.holders()}; try again when it is idle")
+        self._unload(slot, "its name now stands for another model")
 
     def expire(self) -> None:
         """Unload every idle model whose keep-alive ran out."""

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmos.syscalls.errors import EEXIST, EINVAL, ENOENT, EPERM, SyscallError
+from llmos.syscalls.errors import EEXIST, EINVAL, EIO, ENOENT, EPERM, SyscallError
 
 from llmos.drivers.quant import QUANTIZE
 
@@ -71,12 +71,13 @@ class Registry:
             return spec
         if name in EMBEDDED:
             return ModelSpec(name, str(EMBEDDED[name]))
-        path = Path(name).expanduser()
-        if ("/" in name or name.endswith(".gguf")) and path.exists():
-            if not paths:
+        if "/" in name or name.endswith(".gguf"):
+            if not paths:              # before any look at the file system: nothing to probe
                 raise SyscallError(EPERM, f"model: {name!r}: only the owner names a model by "
                                           f"its path; use a registered name ({', '.join(self.names())})")
-            return ModelSpec(name, str(path.resolve()))
+            path = _path(name)
+            if path is not None and path.exists():
+                return ModelSpec(name, str(path.resolve()))
         raise SyscallError(ENOENT, f"model: no model {name!r}: not a registered name "
                                    f"(there are: {', '.join(self.names()) or 'none'}), "
                                    f"not a model directory or .gguf file")
@@ -110,23 +111,37 @@ class Registry:
             raise SyscallError(EINVAL, f"dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
         if quantize not in (None, *QUANTIZE):
             raise SyscallError(EINVAL, f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
-        spec = ModelSpec(name, str(Path(path).expanduser().resolve()),
-                         None if dtype == "auto" else dtype, quantize, keep_alive)
+        where = _path(path)
+        if where is None:
+            raise SyscallError(EINVAL, f"path: {path!r}: no such user's home")
+        spec = ModelSpec(name, str(where.resolve()), None if dtype == "auto" else dtype,
+                         quantize, keep_alive)
         self.open(spec)                                   # a model that cannot open: EINVAL
         with self._lock:
             if name in self._names or name in self._booted:
                 raise SyscallError(EEXIST, f"name: model {name!r} is already registered")
+            self._check_writable()
             self._names[name] = spec
-            self._write()
+            try:
+                self._write()
+            except (OSError, UnicodeError) as e:
+                del self._names[name]                    # as it was: in memory and on disk
+                raise SyscallError(EIO, f"{self.file}: cannot write: {e}") from None
         return spec
 
     def remove(self, name: str) -> ModelSpec:
-        """Forget a registered name (a loaded model stays loaded). Raises ENOENT."""
+        """Forget a registered name (a loaded model stays loaded until it is unloaded or
+        the name is registered anew). Raises ENOENT, EINVAL (the file does not parse), EIO."""
         with self._lock:
-            spec = self._names.pop(name, None)
-            if spec is None:
+            self._check_writable()
+            if name not in self._names:
                 raise SyscallError(ENOENT, f"name: no registered model {name!r}")
-            self._write()
+            spec = self._names.pop(name)
+            try:
+                self._write()
+            except (OSError, UnicodeError) as e:
+                self._names[name] = spec
+                raise SyscallError(EIO, f"{self.file}: cannot write: {e}") from None
         return spec
 
     # ---- config and tokenizer ---------------------------------------------------------
@@ -172,19 +187,35 @@ class Registry:
 
     # ---- the file ---------------------------------------------------------------------
     def _read(self) -> dict[str, ModelSpec]:
-        """The file's names; a broken file is logged and ignored (the kernel still boots,
-        and the next `models add` rewrites it)."""
+        """The file's names. A file that does not parse is logged and left as it is (the
+        kernel still boots; `models add` and `rm` refuse until it is mended, so it is never
+        overwritten); an entry that makes no sense is logged and skipped."""
+        self._unreadable = None
         if self.file is None or not self.file.exists():
             return {}
         try:
             tables = tomllib.loads(self.file.read_text(encoding="utf-8")).get("models", {})
-            return {name: ModelSpec(name, str(t["path"]), t.get("dtype"), t.get("quantize"),
-                                    _keep_alive(t.get("keep_alive")))
-                    for name, t in tables.items()}
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError,
-                AttributeError, ValueError) as e:
+            assert isinstance(tables, dict)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AssertionError) as e:
             log.error("%s: ignored, not a model registry: %s", self.file, e)
+            self._unreadable = str(e) or "not a table of models"
             return {}
+        names = {}
+        for name, t in tables.items():
+            try:
+                dtype = _choice(t, "dtype", ("auto", *DTYPES))
+                names[name] = ModelSpec(name, str(t["path"]), None if dtype == "auto" else dtype,
+                                        _choice(t, "quantize", QUANTIZE),
+                                        _keep_alive(t.get("keep_alive")))
+            except (KeyError, TypeError, ValueError) as e:
+                log.error("%s: model %r ignored: %s", self.file, name, e)
+        return names
+
+    def _check_writable(self) -> None:
+        """Under the lock: EINVAL if the file did not parse at boot (it is not ours to lose)."""
+        if self._unreadable is not None:
+            raise SyscallError(EINVAL, f"{self.file}: does not parse ({self._unreadable}); mend "
+                                       f"or remove it, then restart the kernel")
 
     def _write(self) -> None:
         """Under the lock: the file, replaced atomically."""
@@ -215,3 +246,18 @@ def _keep_alive(value) -> float | None:
     if math.isnan(value):
         raise ValueError("keep_alive: not a number")
     return value
+
+
+def _choice(table: dict, key: str, allowed) -> str | None:
+    value = table.get(key)
+    if value is not None and value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _path(text: str) -> Path | None:
+    """text as a path, ~ expanded; None for a ~user that does not exist."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return None

@@ -101,6 +101,27 @@ def test_work_waiting_for_a_loading_model_goes_with_its_process(kernel, checkpoi
     del cid
 
 
+def test_a_context_freed_before_its_model_loaded_is_never_made(kernel, checkpoints, tmp_path,
+                                                                monkeypatch):
+    from llmos.kernel.registry import ModelSpec
+    gate = tmp_path / "go"
+    monkeypatch.setenv("LLMOS_FAULT", f"load-wait:{gate}")
+    kernel.registry.boot(ModelSpec("qwen", str(checkpoints["qwen3"])))
+    owner = conn(kernel)
+    agent = kernel.procs.spawn(["/bin/sleep", "30"], parent=owner.pid, log_dir=kernel.home.log_dir)
+    a = conn(kernel, agent.token, b"agent")
+    create = call(kernel, a, Sys.CONTEXT_CREATE, model="qwen")
+    slot = until_slot(kernel, "qwen", waiting=1)
+    [guessed] = kernel.procs.get(agent.pid).contexts      # ids count up: an agent can guess
+    assert call_ok(kernel, a, Sys.CONTEXT_FREE, context=guessed)
+    gate.touch()
+    assert kernel.outbox.reply(a.peer, create, T)[1][0] == "ESRCH"
+    deadline = time.monotonic() + T
+    while slot.state != "ready" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slot.engine is not None and not slot.engine.contexts and slot.idle()
+
+
 def until_slot(kernel, name, waiting, timeout=T):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -98,15 +98,50 @@ def test_idle_model_is_evicted_pinned_ones_never_and_enomem_names_the_holders(ck
         assert states(k)["llama"] == "registered"
 
 
-def test_a_model_larger_than_the_whole_budget_does_not_boot():
+@pytest.mark.parametrize("models, memory, why", [
+    (["tiny"], "10M", "more than the whole memory budget"),
+    (["tiny", "llama"], "30M", "budget is held by tiny"),   # boot models never evict each other
+])
+def test_boot_models_that_do_not_fit_do_not_boot(ckpts, models, memory, why):
     import subprocess
     import sys
     home = short_home()
-    out = subprocess.run([sys.executable, "-m", "llmos.kernel", "--home", home, "--kv-memory",
-                          "16M", "--memory", "10M"], capture_output=True, text=True, timeout=T)
+    argv = [a for m in models for a in ("--model", ckpts.get(m, m))]
+    out = subprocess.run([sys.executable, "-m", "llmos.kernel", "--home", home, *argv,
+                          "--kv-memory", "16M", "--memory", memory],
+                         capture_output=True, text=True, timeout=T)
     os.system(f"rm -rf {home}")
-    assert out.returncode == 2
-    assert "ENOMEM" in out.stderr and "more than the whole memory budget" in out.stderr
+    assert out.returncode == 2, out.stderr
+    assert "ENOMEM" in out.stderr and why in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_name_registered_anew_serves_the_new_model(ckpts):
+    with running_kernel("--model", "tiny") as (home, _), connect(home, timeout=T) as k:
+        k.model_add("m", ckpts["llama"])
+        assert k.generate(token_ids=PROMPT, model="m", **GREEDY).token_ids == alone(ckpts["llama"])
+        k.model_rm("m")
+        k.model_add("m", ckpts["qwen3"])
+        assert k.tokenize("12+47=", model="m") == \
+            Engine.from_pretrained(ckpts["qwen3"], num_blocks=8).tokenizer.encode("12+47=")
+        assert k.generate(token_ids=PROMPT, model="m", **GREEDY).token_ids == alone(ckpts["qwen3"])
+        assert {m.name: m.path for m in k.models()}["m"] == ckpts["qwen3"]
+
+
+def test_eviction_that_cannot_make_room_evicts_nothing():
+    from llmos.drivers.cpu import CpuDriver
+    from llmos.kernel.modeltable import READY, ModelTable, Slot
+    from llmos.kernel.registry import ModelSpec
+    from tests.kernel.stepper import Clock
+    table = ModelTable(CpuDriver(), 100, clock=Clock())
+    idle, busy = Steps(table.clock, 1.0), Steps(table.clock, 1.0)
+    busy.requests = {1: object()}
+    for name, engine, size in (("idle", idle, 20), ("busy", busy, 70)):
+        table.slots[name] = Slot(ModelSpec(name, "/m"), None, 60, state=READY, engine=engine,
+                                 bytes=size)
+    with pytest.raises(SyscallError) as err:
+        table._make_room("new", 50)
+    assert err.value.code == "ENOMEM" and "busy 70 B (1 request(s))" in err.value.msg
+    assert set(table.slots) == {"idle", "busy"} and table.unloads == 0
 
 
 def test_keep_alive_unloads_an_idle_model_and_counts_from_its_last_use(ckpts):

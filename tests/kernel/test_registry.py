@@ -59,3 +59,41 @@ def test_resolve_knows_names_paths_and_who_may_name_a_path(tmp_path, checkpoints
     with pytest.raises(SyscallError) as err:
         reg.resolve("nope")
     assert err.value.code == "ENOENT" and "tiny" in err.value.msg
+
+
+def test_an_agent_learns_nothing_of_the_file_system_from_a_path(tmp_path):
+    reg = Registry(tmp_path)
+    for path in ("/etc/passwd", "/etc/no-such-file", "~nosuchuser/m", "x.gguf"):
+        with pytest.raises(SyscallError) as err:
+            reg.resolve(path, paths=False)
+        assert err.value.code == "EPERM", path          # the same answer whether it exists
+
+
+def test_a_bad_entry_is_skipped_and_an_unparsable_file_is_never_overwritten(tmp_path, checkpoints,
+                                                                              caplog):
+    path = str(checkpoints["llama"])
+    (tmp_path / "models.toml").write_text(
+        f'[models.good]\npath = "{path}"\n[models.bad]\npath = "{path}"\nkeep_alive = nan\n'
+        f'[models.odd]\npath = "{path}"\ndtype = "int4"\n')
+    assert [s.name for s in Registry(tmp_path).registered()] == ["good"]
+    assert "model 'bad' ignored" in caplog.text and "model 'odd' ignored" in caplog.text
+    broken = "[models.x\npath = "
+    (tmp_path / "models.toml").write_text(broken)
+    reg = Registry(tmp_path)
+    for change in (lambda: reg.add("new", path), lambda: reg.remove("x")):
+        with pytest.raises(SyscallError) as err:
+            change()
+        assert err.value.code == "EINVAL" and "does not parse" in err.value.msg
+    assert (tmp_path / "models.toml").read_text() == broken
+
+
+def test_a_registration_that_cannot_be_written_is_not_kept(tmp_path, checkpoints):
+    reg = Registry(tmp_path)
+    (tmp_path / "models.tmp").mkdir()                  # the atomic write's temporary: blocked
+    with pytest.raises(SyscallError) as err:
+        reg.add("m", str(checkpoints["llama"]))
+    assert err.value.code == "EIO"
+    assert reg.registered() == [] and not (tmp_path / "models.toml").exists()
+    with pytest.raises(SyscallError) as err:
+        reg.add("m", "~nosuchuser/model")
+    assert err.value.code == "EINVAL"
