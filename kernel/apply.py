@@ -191,7 +191,8 @@ class Commands:
         with self.procs.lock:
             owned = c.context in c.proc.contexts
         if engine is not None and not owned:        # freed, or its process died, meanwhile
-            c.call.error(ESRCH, f"context: context {c.context} was freed before it was made")
+            c.call.error(ESRCH, f"context: context {c.context} was freed (or its process "
+                                f"exited) before it was made")
         elif engine is not None:
             self._context_made(c, lambda: engine.context_create(
                 c.tokens, salt=c.salt, context_id=c.context, owner=c.proc, account=c.proc.acct))

@@ -189,7 +189,7 @@ def test_a_dead_process_queued_generate_never_starts(k, engine):
     run(k)
     assert proc.waitable and proc.exit_status == 3
     assert answer(k, c, cid)[1]["finish_reason"] == "abort"
-    assert answer(k, c, ctx)[0] == "ok"                  # created, then freed by the release
+    assert answer(k, c, ctx)[1][0] == "ESRCH"            # never made: its process had exited
     assert engine.stats["steps"] == steps and not engine.contexts
     assert engine.blocks.usage()["used"] == 0
 
