@@ -294,7 +294,8 @@ class Supervisor(LLMCalls, ModelCalls):
                         age=now - p.started_mono, os_pid=p.os_pid, exit_status=p.exit_status,
                         service=a.service, queued_s=a.queued_s, running_s=a.running_s,
                         preemptions=a.preemptions, swaps=a.swaps, kv_swapped=a.kv["host"],
-                        kv_disk=a.kv["disk"])
+                        kv_disk=a.kv["disk"], tok_in_s=round(p.tok_in_s, 1),
+                        tok_out_s=round(p.tok_out_s, 1))
 
     @staticmethod
     def _state(p, snap) -> ProcState:

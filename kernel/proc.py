@@ -94,6 +94,8 @@ class Proc:
     # Accounting, read without the lock (a stale value is fine): the sampler thread only.
     cpu_percent: float = 0.0
     rss: int | None = None
+    tok_in_s: float = 0.0          # tokens per second in and out, the sampler's last period
+    tok_out_s: float = 0.0
 
     # Private to the table, guarded by its lock.
     _popen: subprocess.Popen | None = field(default=None, repr=False)
@@ -367,7 +369,7 @@ class ProcTable:
             rids, cids = list(p.requests.values()), list(p.contexts)
             p.requests.clear()
             p.contexts.clear()
-            p.cpu_percent, p.rss = 0.0, None
+            p.cpu_percent, p.rss, p.tok_in_s, p.tok_out_s = 0.0, None, 0.0, 0.0
             log.info("pid %d (%s): exited with status %s", p.pid, p.name, status)
             try:
                 self.on_exit(p, rids, cids)

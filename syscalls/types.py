@@ -152,6 +152,8 @@ class ProcInfo(Record):
     swaps: int = 0                # KV blocks of it moved out to host swap or disk
     kv_swapped: int = 0           # KV blocks of it in host swap now
     kv_disk: int = 0              # KV blocks of it on disk now
+    tok_in_s: float = 0.0         # prompt tokens per second computed for it, last second
+    tok_out_s: float = 0.0        # tokens per second generated for it, last second
     _nested: ClassVar[dict] = {"state": ProcState}
 
 

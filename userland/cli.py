@@ -10,7 +10,7 @@ import time
 
 import click
 
-from llmos.userland import commands, kernelctl, keys, listing
+from llmos.userland import commands, kernelctl, keys, listing, top
 from llmos.userland.kernelctl import DRIVER_HELP, absolute_model, await_kernel, kernel_argv, launch
 
 
@@ -202,6 +202,7 @@ commands.register(main)
 main.add_command(kernelctl.up)
 main.add_command(kernelctl.down)
 main.add_command(keys.keys)
+main.add_command(top.top)
 
 
 if __name__ == "__main__":

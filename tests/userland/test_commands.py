@@ -313,3 +313,40 @@ def test_chat_example_computes_only_new_tokens(kernel_home):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "tiny: 59" in run.stdout and "tiny: t a c" in run.stdout
     assert run.stdout.count("cached") == 2
+
+
+def test_top_batch_and_json_show_every_column_and_each_process_rate(kernel_home):
+    import threading
+    from llmos.userland.top import TOP_HEADER
+    with connect(kernel_home, timeout=T) as k:
+        worker = threading.Thread(target=lambda: k.generate("12+47=", max_tokens=400,
+                                                            ignore_eos=True))
+        worker.start()
+        try:
+            # the kernel measures each process's rate (ps carries it): no client arithmetic
+            eventually(lambda: any(p.pid == k.pid and p.tok_out_s > 0 for p in k.ps()),
+                       "a tokens/s figure for the generating process")
+            out = llmos(kernel_home, "top", "-b", "-n", "2", "-d", "0.3")
+            js = llmos(kernel_home, "top", "--json", "-n", "2", "-d", "0.3")
+        finally:
+            worker.join(T)
+    assert out.returncode == 0, out.stderr
+    shots = out.stdout.strip().split("\n\n")
+    assert len(shots) == 2 and all(s.startswith("llmos top - ") for s in shots)
+    for shot in shots:
+        lines = shot.splitlines()
+        assert "models: tiny*" in lines[0] and "policy fair" in lines[0]
+        assert lines[1].startswith("procs: ") and lines[2].startswith("tokens/s in/out: ")
+        assert lines[3].startswith("KV   [") and lines[4].startswith("swap [")
+        assert lines[5].startswith("host cpu ")
+        assert lines[6].split() == TOP_HEADER
+        rows = [dict(zip(TOP_HEADER, line.split(None, len(TOP_HEADER) - 1)))
+                for line in lines[7:]]
+        assert {r["NAME"] for r in rows} >= {"attached"}
+    assert "-/- (last)" in shots[0] and "-/- (last)" not in shots[1]   # a rate needs two
+    mine = next(r for r in rows if r["PID"] == str(k.pid))
+    assert mine["STATE"] in ("running", "ready", "sleeping") and int(mine["TOK_OUT"]) > 0
+    snaps = [json.loads(line) for line in js.stdout.splitlines()]
+    assert len(snaps) == 2 and snaps[0]["rates"]["last"] is None
+    assert snaps[1]["rates"]["last"] is not None and snaps[1]["procs"]
+    assert {"tok_in_s", "tok_out_s"} <= set(snaps[1]["procs"][0])
