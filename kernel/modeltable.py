@@ -9,9 +9,9 @@ The rules:
     is unloaded, and the next, until it has; if what is left is pinned, the load fails
     with ENOMEM naming what holds the memory. Idle: no request queued or running, no
     live context (a context pins its model), no command waiting for it;
-  - weights are read on the loader thread, never the engine thread: the slot is LOADING
-    until its Loaded command comes back through the inbox, and commands for it wait in
-    the slot, in order, meanwhile (kernel/loop.py);
+  - weights are read on the loader thread (kernel/modelload.py), never the engine thread:
+    the slot is LOADING until its Loaded command comes back through the inbox, and
+    commands for it wait in the slot, in order, meanwhile (kernel/apply.py);
   - a model idle longer than its keep-alive is unloaded (`expire`);
   - `step` runs one step of the model with work that has had the least engine time, so
     models share the engine thread by time, and a long prefill of one model delays
@@ -23,24 +23,19 @@ anyone) and `budget` (read by anyone).
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import math
-import os
-import queue
-import re
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-from llmos.syscalls.errors import EBUSY, EINVAL, EIO, ENOENT, ENOMEM, SyscallError
+from llmos.syscalls.errors import EBUSY, ENOENT, ENOMEM, SyscallError
 from llmos.syscalls.types import ModelInfo
 
 from . import inbox as cmd
 from . import tunables
-from .load import Plan, build, count_params, plan
+from .load import Plan, count_params, plan
+from .modelload import Loader
 from .registry import ModelSpec
 
 log = logging.getLogger("llmos.models")
@@ -96,8 +91,7 @@ class ModelTable:
         the default of a model loaded on demand. plan_options, engine_options: load.plan's
         and load.build's options for every model (a spec's dtype and quantize win).
         on_loaded: where the loader thread puts its Loaded command (the engine inbox)."""
-        from .engine import Engine
-        self.driver, self.clock, self._engine_cls = driver, clock, Engine
+        self.driver, self.clock = driver, clock
         self.budget = default_budget(driver) if budget is None else int(budget)
         self.keep_alive = _keep_alive(keep_alive, tunables.KEEP_ALIVE)
         self.plan_options = dict(plan_options or {})
@@ -107,18 +101,10 @@ class ModelTable:
         self.retired = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0,
                         "preemptions": 0, "paged_out": 0, "paged_in": 0}
         self.unloads = 0
-        # One loader thread, a daemon: a kernel that shuts down mid-load exits at once.
-        self._loads: queue.SimpleQueue = queue.SimpleQueue()
-        self._loader = threading.Thread(target=self._loader_run, name="llmos-loader",
-                                        daemon=True)
+        self._loader = Loader(driver, self.engine_options, lambda c: self.on_loaded(c))
 
     def close(self) -> None:
-        """Stop the loader thread after the load in hand (if the process lives on)."""
-        self._loads.put(None)
-
-    def _loader_run(self) -> None:
-        while (slot := self._loads.get()) is not None:
-            self._load(slot)
+        self._loader.close()
 
     # ---- admitting and loading --------------------------------------------------------
     def plan(self, spec: ModelSpec, mdir) -> Plan:
@@ -138,9 +124,7 @@ class ModelTable:
         self.slots[spec.name] = slot
         log.info("loading model %s from %s (%s, %s of weights and KV)", spec.name, spec.path,
                  str(p.dtype).removeprefix("torch."), _size(p.device_bytes))
-        if not self._loader.is_alive():
-            self._loader.start()
-        self._loads.put(slot)
+        self._loader.load(slot)
         return slot
 
     def load_now(self, spec: ModelSpec, mdir, keep_alive: float | None = None) -> Slot:
@@ -152,7 +136,7 @@ class ModelTable:
                                          else spec.keep_alive, FOREVER))
         self.slots[spec.name] = slot
         try:
-            self.installed(slot, self._build(slot))
+            self.installed(slot, self._loader.build(slot))
         except BaseException:
             del self.slots[spec.name]
             raise
@@ -164,39 +148,6 @@ class ModelTable:
         self.slots[spec.name] = slot
         self.installed(slot, engine)
         return slot
-
-    def _load(self, slot: Slot) -> None:
-        """Loader thread: read and prepare the weights, then hand the engine (or the
-        error) to the engine thread through the inbox."""
-        _held_by_fault()
-        try:
-            engine, error = self._build(slot), None
-        except Exception as e:                  # noqa: BLE001 — the load fails, the kernel goes on
-            oom = isinstance(e, MemoryError) or "OutOfMemory" in type(e).__name__   # torch.cuda's
-            code = ENOMEM if oom else \
-                EINVAL if isinstance(e, ValueError) else EIO     # CheckpointError: a ValueError
-            log.error("model %s failed to load: %s", slot.name, e,
-                      exc_info=e if code == EIO else None)
-            engine, error = None, SyscallError(code, f"model {slot.name!r}: {e}")
-        self.on_loaded(cmd.Loaded(slot, engine, error))
-
-    def _build(self, slot: Slot):
-        started, marks = time.monotonic(), iter((0.25, 0.5, 0.75))
-        mark = next(marks)
-
-        def progress(fraction: float) -> None:
-            nonlocal mark
-            slot.progress = fraction
-            while mark is not None and fraction >= mark:
-                log.info("loading model %s: %d%% of the weights read", slot.name, mark * 100)
-                mark = next(marks, None)
-
-        options = dict(self.engine_options)
-        if options.get("kv_disk_dir") is not None:
-            options["kv_disk_dir"] = Path(options["kv_disk_dir"]) / _file_name(slot.name)
-        engine = build(self._engine_cls, slot.plan, self.driver, progress=progress, **options)
-        slot.load_seconds = time.monotonic() - started
-        return engine
 
     def installed(self, slot: Slot, engine) -> None:
         """Engine thread: slot's engine is in; it holds what it really takes now."""
@@ -271,11 +222,7 @@ class ModelTable:
 
     def _unload(self, slot: Slot, why: str) -> None:
         e = slot.engine
-        for key, value in e.stats.items():
-            self.retired[key] = self.retired.get(key, 0) + value
-        self.retired["preemptions"] += e.scheduler.num_preemptions
-        self.retired["paged_out"] += e.pager.paged_out
-        self.retired["paged_in"] += e.pager.paged_in
+        self.retired = _add(self.retired, _counters(e))
         del self.slots[slot.name]
         slot.engine, self.unloads = None, self.unloads + 1
         del e
@@ -362,22 +309,18 @@ class ModelTable:
         """Steps, tokens, preemptions and paging of every model since boot."""
         total = dict(self.retired)
         for e in self.engines():
-            for key, value in e.stats.items():
-                total[key] = total.get(key, 0) + value
-            total["preemptions"] += e.scheduler.num_preemptions
-            total["paged_out"] += e.pager.paged_out
-            total["paged_in"] += e.pager.paged_in
+            total = _add(total, _counters(e))
         return total
 
 
-def _held_by_fault() -> None:
-    """Tests: $LLMOS_FAULT=load-wait:PATH holds every load after boot until PATH exists (at most a
-    minute), so a test sees a model LOADING for as long as it needs."""
-    fault = os.environ.get(tunables.FAULT_ENV, "")
-    if fault.startswith("load-wait:"):
-        path, deadline = Path(fault.removeprefix("load-wait:")), time.monotonic() + 60
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+def _counters(e) -> dict:
+    """An engine's steps, tokens, preemptions and paging."""
+    return {**e.stats, "preemptions": e.scheduler.num_preemptions,
+            "paged_out": e.pager.paged_out, "paged_in": e.pager.paged_in}
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
 
 
 def default_budget(driver) -> int:
@@ -392,13 +335,6 @@ def _keep_alive(asked: float | None, default: float) -> float:
     if asked is None:
         return default
     return FOREVER if asked < 0 else float(asked)
-
-
-def _file_name(name: str) -> str:
-    """A directory name for model name's disk tier: readable, and distinct for distinct
-    names ("a/b" and "a_b" read alike)."""
-    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)[-48:]}-{digest}"
 
 
 def _size(n: int) -> str:
