@@ -89,15 +89,16 @@ class Supervisor(LLMCalls, ModelCalls):
         self.audit.close()
 
     # ---- processes ------------------------------------------------------------------
-    def hello(self, conn, token: str) -> Hello:
-        """Make conn a process: the owner's token attaches a new one, a process's own
-        token makes conn that process. Raises EACCES, or EINVAL for a second hello."""
+    def hello(self, conn, token: str, name: str | None = None) -> Hello:
+        """Make conn a process: the owner's token attaches a new one (named `name`, else
+        "attached"), a process's own token makes conn that process (its name stays).
+        Raises EACCES, or EINVAL for a second hello."""
         if conn.authenticated:
             raise SyscallError(EINVAL, f"hello: this connection is already process {conn.pid}")
         # bytes: compare_digest refuses str with non-ASCII characters (TypeError)
         if hmac.compare_digest(token.encode(), self._owner_token):
             self._check_owner(conn)
-            proc, conn.owner = self.procs.attach("attached"), True
+            proc, conn.owner = self.procs.attach(name or "attached"), True
         else:
             proc = self.procs.by_token(token)
             if proc is None:

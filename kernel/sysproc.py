@@ -13,7 +13,7 @@ from .syscall import PENDING
 
 
 def sys_hello(k, call, a):
-    return k.hello(call.conn, a["token"])
+    return k.hello(call.conn, a["token"], a["name"])
 
 
 def sys_spawn(k, call, a):

@@ -47,14 +47,16 @@ class _Slot:
 
 class Connection:
     """A connection to the kernel at `endpoint`; sends hello first when `token` is given
-    (raises SyscallError EACCES, and closes, if refused). Thread-safe. curve_server_key
+    (raises SyscallError EACCES, and closes, if refused); `name` names the process an owner's
+    hello attaches. Thread-safe. curve_server_key
     (Z85): use CURVE, as curve_keypair (public, secret; default a throwaway pair)."""
 
     def __init__(self, endpoint: str, token: str | None = None, *, timeout: float | None = None,
                  ping_after: float = 1.0, dead_after: float = 2.0,
                  curve_server_key: bytes | None = None,
                  curve_keypair: tuple[bytes, bytes] | None = None,
-                 max_message: int = wire.MAX_MESSAGE, heartbeat: float | None = None):
+                 max_message: int = wire.MAX_MESSAGE, heartbeat: float | None = None,
+                 name: str | None = None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ping_after, self.dead_after, self.max_message = ping_after, dead_after, max_message
         self._handshake = None          # the socket monitor of a CURVE connection
@@ -81,7 +83,7 @@ class Connection:
         self._closed = threading.Event()
         if token is not None:
             try:
-                self.hello = self.call(Sys.HELLO, token=token)
+                self.hello = self.call(Sys.HELLO, token=token, **({"name": name} if name else {}))
             except BaseException:
                 self.close()
                 raise

@@ -33,7 +33,7 @@ LIMITS = {"calls": _count, "kv_blocks": _count, "contexts": _count, "children": 
 
 SPECS: dict[Sys, Spec] = {
     Sys.PING: Spec(),
-    Sys.HELLO: Spec(token=Str(256, required=True)),
+    Sys.HELLO: Spec(token=Str(256, required=True), name=Str(64, min_len=1)),
     Sys.SYSCALLS: Spec(),
     Sys.SYSINFO: Spec(),
     Sys.SPAWN: Spec(argv=List(Str(4096), max_len=MAX_ARGV, min_len=1, required=True),

@@ -21,7 +21,7 @@ HEARTBEAT = 5.0     # s between an attached program's pings (the kernel reaps af
 
 def connect(home=None, timeout: float | None = None, *, url: str | None = None,
             key: str | None = None, server_key: str | None = None,
-            token: str | None = None) -> Kernel:
+            token: str | None = None, name: str | None = None) -> Kernel:
     """Connect to the kernel and say hello; returns the Kernel (this process's `.pid`).
 
     Without `home`, a process spawned by the kernel is itself: LLMOS_SOCKET, and its own
@@ -29,7 +29,8 @@ def connect(home=None, timeout: float | None = None, *, url: str | None = None,
     else (or with `home`) attaches to the kernel of that home (the home of LLMOS_SOCKET,
     else $LLMOS_HOME, else ~/.llmos) with the owner token; the kernel refuses that token
     from its agents and their descendants. `timeout`: default seconds per call (None: no
-    limit; a silent kernel still raises KernelDead within seconds).
+    limit; a silent kernel still raises KernelDead within seconds). `name`: what ps calls
+    this program when it attaches (default "attached"); a spawned process keeps its own.
 
     A kernel listening on tcp (`llmos up --listen`): `url` "tcp://HOST:PORT", else
     $LLMOS_URL (used without `home`, outside llmos processes). With CURVE: the client key
@@ -44,7 +45,7 @@ def connect(home=None, timeout: float | None = None, *, url: str | None = None,
     if url is None and home is None and "LLMOS_SOCKET" not in os.environ:
         url = os.environ.get("LLMOS_URL")
     if url:
-        return _connect_tcp(url, home, key, server_key, token, timeout)
+        return _connect_tcp(url, home, key, server_key, token, timeout, name)
     endpoint = os.environ.get("LLMOS_SOCKET")
     secret = own_token() if home is None and endpoint else None
     if secret:
@@ -61,12 +62,12 @@ def connect(home=None, timeout: float | None = None, *, url: str | None = None,
         below_agent = home is None and bool(endpoint)    # inherited LLMOS_SOCKET, no secret
         endpoint, owner, where = _attach(_home_of(endpoint) if below_agent else home,
                                          _NOT_SPAWNED if below_agent else "")
-        conn = Connection(endpoint, owner, timeout=timeout, heartbeat=HEARTBEAT)
+        conn = Connection(endpoint, owner, timeout=timeout, heartbeat=HEARTBEAT, name=name)
         return Kernel(conn, where, attached=True)
     return Kernel(Connection(endpoint, secret, timeout=timeout), where)
 
 
-def _connect_tcp(url, home, key, server_key, token, timeout) -> Kernel:
+def _connect_tcp(url, home, key, server_key, token, timeout, name) -> Kernel:
     """connect() to a kernel's tcp endpoint as an attached program, with CURVE if a key is given."""
     from llmos.syscalls import keys
     h = home if isinstance(home, Home) else Home(home)
@@ -85,7 +86,7 @@ def _connect_tcp(url, home, key, server_key, token, timeout) -> Kernel:
                                f"HOME/run/token) as token= or $LLMOS_TOKEN") from None
     except HomeError as e:                     # a key missing or malformed included
         raise SyscallError(EACCES, str(e)) from None
-    conn = Connection(url, token, timeout=timeout, heartbeat=HEARTBEAT, **curve)
+    conn = Connection(url, token, timeout=timeout, heartbeat=HEARTBEAT, name=name, **curve)
     return Kernel(conn, None, attached=True)
 
 

@@ -66,7 +66,7 @@ def _connect(home):
     return connect(home)
 
 
-def _exit_code(status) -> int:
+def exit_code(status) -> int:
     """A shell's exit code for a process status: 128+N when killed by signal N."""
     if status is None:
         return 1
@@ -118,7 +118,7 @@ def run(program, args, detach, name, nice, module, limits, home) -> None:
         click.echo(pid)
         return
     status, interrupted = _follow(k, pid)
-    sys.exit(INTERRUPTED if interrupted else _exit_code(status))
+    sys.exit(INTERRUPTED if interrupted else exit_code(status))
 
 
 def _follow(k, pid: int) -> tuple[int | None, bool]:
@@ -201,7 +201,7 @@ def wait(pid, timeout, home) -> None:
         raise click.ClickException(f"pid {pid} exited; its status is unknown "
                                    f"(an attached program that vanished)")
     click.echo(done.status)
-    sys.exit(_exit_code(done.status))
+    sys.exit(exit_code(done.status))
 
 
 @click.command()

@@ -1,0 +1,274 @@
+"""`llmos shell` against a real kernel on tiny: the REPL driven through prompt_toolkit's
+pipe input (keys as a terminal sends them) with its output collected, and the command
+itself as a subprocess for scripts (-c, a file, a pipe)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from llmos.syscalls.types import ProcState
+from llmos.userland import connect
+from llmos.userland.shell import Shell, repl, split
+from llmos.userland.shell.complete import ShellCompleter
+from tests.kernels import ROOT
+from tests.userland.test_cli_kernel import T, llmos
+from tests.userland.test_commands import eventually
+
+CTRL_C, CTRL_Z, UP = "\x03", "\x1a", "\x1b[A"
+
+# A program that says it started, then ticks until it is signalled.
+TICKER = ("import time, sys\nprint('started', flush=True)\n"
+          "for i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.1)\n")
+
+
+class Out:
+    """The shell's out: everything it printed, and a way to wait for a line of it."""
+
+    def __init__(self):
+        self._text, self._cond, self.mark = "", threading.Condition(), 0
+
+    def write(self, text):
+        with self._cond:
+            self._text += text
+            self._cond.notify_all()
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        with self._cond:
+            return self._text
+
+    def expect(self, pattern: str) -> re.Match:
+        """The first match of pattern printed since the last expect (within T seconds)."""
+        with self._cond:
+            deadline = time.monotonic() + T
+            while (m := re.compile(pattern).search(self._text, self.mark)) is None:
+                left = deadline - time.monotonic()
+                assert left > 0, f"not printed within {T}s: {pattern!r}; printed:\n{self._text}"
+                self._cond.wait(left)
+            self.mark = m.end()
+            return m
+
+
+class Term:
+    """An interactive shell on home whose keyboard is a pipe: type() sends keys."""
+
+    def __init__(self, home, history=None):
+        self.out = Out()
+        self._pipe = create_pipe_input()
+        self.input = self._pipe.__enter__()
+        self.k = connect(home, timeout=T, name="shell")
+        self.sh = Shell(self.k, self.out, self.input, DummyOutput())
+        self.status = None
+        self.thread = threading.Thread(target=self._run, args=(history,), daemon=True)
+        self.thread.start()
+
+    def _run(self, history):
+        self.status = repl(self.sh, history)
+
+    def type(self, text: str) -> None:
+        self.input.send_text(text)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.type("\x04")                     # Ctrl-D at an empty prompt
+            self.thread.join(T)
+        assert not self.thread.is_alive(), "the shell did not exit on Ctrl-D"
+        self._pipe.__exit__(None, None, None)
+        self.k.close()
+
+
+@pytest.fixture
+def term(kernel_home):
+    t = Term(kernel_home)
+    yield t
+    for job in t.sh.jobs.jobs():
+        try:
+            t.k.kill(job.pid, "KILL")
+        except Exception:
+            pass
+    t.close()
+
+
+@pytest.fixture
+def ticker(tmp_path):
+    path = tmp_path / "ticker.py"
+    path.write_text(TICKER)
+    return path
+
+
+def state(k, pid) -> ProcState | None:
+    return next((p.state for p in k.ps() if p.pid == pid), None)
+
+
+def test_the_shell_is_a_process_named_shell(term):
+    term.type("ps\r")
+    term.out.expect(rf"\n\s+{term.k.pid}\s+0\s+\w+.*\bshell\n")
+
+
+def test_run_in_the_background_then_jobs_wait_and_the_exit_notice(term, ticker):
+    term.type(f"run -m llmos.userland.examples.worker 12+47= &\r")
+    job = int(term.out.expect(r"\[1\] (\d+)\n").group(1))
+    # its exit is told above the prompt, unasked
+    term.out.expect(rf"\[1\]\+ Done\s+pid {job} run -m llmos.userland.examples.worker 12\+47= \(exit 0\)")
+    term.type(f"run {ticker} &\r")
+    pid = int(term.out.expect(r"\[1\] (\d+)\n").group(1))
+    eventually(lambda: state(term.k, pid) in (ProcState.SLEEPING, ProcState.RUNNING), "ticker runs")
+    term.type("jobs\r")
+    term.out.expect(rf"\[1\]\+ \w+\s+pid {pid} run {re.escape(str(ticker))}\n")
+    term.type("kill %1\r")
+    term.out.expect(rf"\[1\]\+ Killed \(SIGTERM\)\s+pid {pid} .*\(exit 143\)")
+    term.type("wait\r" "jobs\r" "logs %1\r")
+    term.out.expect(r"llmos: logs: %1: no such job")      # gone from the table once told
+
+
+def test_fg_follows_the_output_and_ctrl_c_interrupts_the_job_not_the_shell(term, ticker):
+    term.type(f"run {ticker} &\r")
+    pid = int(term.out.expect(r"\[1\] (\d+)\n").group(1))
+    term.type("fg\r")
+    term.out.expect(r"tick \d+\n")                 # its output, followed
+    term.type(CTRL_C)
+    term.out.expect(rf"\[llmos: sending INT to pid {pid}\]")
+    term.out.expect(r"Killed \(SIGINT\)")
+    term.type("ps\r")
+    term.out.expect(r"\bshell\n")                  # the shell lives on
+    assert term.thread.is_alive()
+
+
+def test_ctrl_z_stops_the_foreground_job_and_bg_continues_it(term, ticker):
+    term.type(f"run {ticker}\r")
+    term.out.expect(r"tick \d+\n")
+    pid = next(j.pid for j in term.sh.jobs.jobs())
+    term.type(CTRL_Z)
+    term.out.expect(rf"\[1\]\+ Stopped\s+pid {pid} run ")
+    eventually(lambda: state(term.k, pid) is ProcState.STOPPED, "the job stopped in the kernel")
+    term.type("jobs\r")
+    term.out.expect(rf"\[1\]\+ stopped\s+pid {pid}")
+    term.type("bg\r")
+    term.out.expect(rf"\[1\]\+ run .*ticker.py &")
+    eventually(lambda: state(term.k, pid) in (ProcState.SLEEPING, ProcState.RUNNING),
+               "the job continued")
+    term.type("kill -KILL %1\r")
+    term.out.expect(rf"\[1\]\+ Killed \(SIGKILL\)\s+pid {pid}")
+
+
+def test_ctrl_c_cancels_a_foreground_generation_and_the_shell_goes_on(term):
+    term.type(f"limit {term.k.pid} tokens_per_s=4\r")       # slow: the key comes first
+    term.out.expect(r"tokens_per_s\s+4")
+    term.type("gen 12+47= --ignore-eos -n 200\r")
+    eventually(lambda: any(p.pid == term.k.pid and p.tokens_out > 0 for p in term.k.ps()),
+               "the generation started")
+    term.type(CTRL_C)
+    term.out.expect(r"\^C\n")
+    eventually(lambda: next(p.calls for p in term.k.ps() if p.pid == term.k.pid) == 0,
+               "the cancelled generate left the kernel")
+    term.type("sched\r")
+    term.out.expect(r"\* fair")
+
+
+def test_completion_offers_commands_options_jobs_pids_models_and_paths(term, ticker):
+    term.type(f"run {ticker} &\r")
+    pid = int(term.out.expect(r"\[1\] (\d+)\n").group(1))
+    eventually(lambda: term.sh.status_line.pids and pid in term.sh.status_line.pids,
+               "the status line saw the job")
+    complete = ShellCompleter(term.sh)
+
+    def offered(text):
+        return [c.text for c in complete.get_completions(Document(text), CompleteEvent())]
+    assert offered("ki") == ["kill"] and "models" in offered("")
+    assert {"-s", "--signal", "--help"} <= set(offered("kill -"))
+    assert "%1" in offered("kill %") and str(pid) in offered(f"fg {str(pid)[0]}")
+    assert offered("models ") == ["load", "unload"] and "tiny" in offered("models load ")
+    assert "tiny" in offered("gen --model t")
+    assert offered(f"run {ticker.parent}/tick") == ["er.py"]
+    assert offered("ps; ki") == ["kill"]
+
+
+def test_history_is_kept_in_the_home_across_two_shells(kernel_home, tmp_path):
+    history = str(tmp_path / "shell_history")
+    first = Term(kernel_home, history)
+    first.type("sysinfo\r")
+    first.out.expect(r"policy")
+    first.close()
+    assert "sysinfo" in open(history).read()
+    second = Term(kernel_home, history)
+    try:
+        second.type(UP + "\r")                      # the last line of the first shell
+        second.out.expect(r"policy")
+    finally:
+        second.close()
+
+
+def test_a_dead_kernel_is_told_above_the_prompt(own_kernel):
+    from tests.kernels import stop_kernel
+    home, proc = own_kernel
+    t = Term(home)
+    try:
+        eventually(lambda: t.sh.status_line and "| fair |" in t.sh.status_line.text,
+                   "the status line")
+        stop_kernel(proc)
+        t.out.expect(r"\[llmos: the kernel went away")
+        assert t.sh.status_line.text == " kernel gone"
+        t.type("ps\r")
+        t.out.expect(r"llmos: ps: the kernel is gone")
+    finally:
+        t.close()
+
+
+# ---- scripts ------------------------------------------------------------------------------
+
+def test_split_reads_lines_as_sh_does():
+    assert split("run -m w 12+47= & jobs; wait") == [
+        (["run", "-m", "w", "12+47="], True), (["jobs"], False), (["wait"], False)]
+    assert split('gen "a; b"') == [(["gen", "a; b"], False)]
+    for bad in ("; ps", "ps && jobs", "gen 'open"):
+        with pytest.raises(ValueError):
+            split(bad)
+
+
+def test_c_runs_a_script_and_exits_with_the_last_status(kernel_home):
+    run = llmos(kernel_home, "shell", "-c",
+                "run -m llmos.userland.examples.worker 12+47= & wait ; exit 7")
+    assert run.returncode == 7, run.stderr
+    assert "RESULT 59" not in run.stdout              # a background job's output is its log
+    assert re.search(r"\[1\] \d+\n", run.stdout) and "(exit 0)" in run.stdout
+    fg = llmos(kernel_home, "shell", "-c", "run -m llmos.userland.examples.worker 12+47=")
+    assert fg.returncode == 0 and "RESULT 59" in fg.stdout
+    assert llmos(kernel_home, "shell", "-c", "nosuch").returncode == 127
+    assert llmos(kernel_home, "shell", "-c", "kill 99999").returncode == 1
+    assert llmos(kernel_home, "shell", "-c", "kill").returncode == 2
+
+
+def test_commands_on_a_pipe_run_without_a_prompt_and_chat_reads_its_turns(kernel_home):
+    script = ("# a comment\nchat -s 'You are tiny.'\nadd 12 47\n/fork\nreverse c a t\n/back\n"
+              "/exit\nmem\n")
+    run = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "shell", "--home",
+                          str(kernel_home)], input=script, cwd=ROOT, capture_output=True,
+                         text=True, timeout=T)
+    assert run.returncode == 0, run.stderr
+    assert "llmos>" not in run.stdout and "you>" not in run.stdout
+    assert re.search(r"tiny> 59\n", run.stdout), run.stdout
+    assert re.search(r"\[context \d+, a fork of \d+; /back returns\]", run.stdout)
+    assert re.search(r"tiny> t a c\n", run.stdout), run.stdout
+    with connect(kernel_home, timeout=T) as k:      # the chat's contexts were freed
+        assert all(p.contexts == 0 for p in k.ps())
+
+
+def test_help_lists_every_command_and_explains_one(term):
+    from llmos.userland.shell.builtins import BUILTINS
+    term.type("help\r")
+    listing = term.out.expect(r"(?s)  bg .*?Ctrl-R searches the history")
+    assert all(f"  {name} " in listing.group(0) for name in BUILTINS.commands)
+    term.type("help kill\r")
+    term.out.expect(r"Usage: kill \[OPTIONS\] TARGETS\.\.\.")

@@ -1,0 +1,234 @@
+"""The shell itself: one attached process of the kernel that reads command lines and
+runs them, interactively (a prompt_toolkit prompt) or from a script.
+
+A line is commands separated by `;`, each ending in `&` to run in the background;
+`!CMD` hands the rest of the line to the host's shell. Builtins are click commands
+(userland/shell/builtins.py), so each has --help and the same options as the `llmos`
+command of its name. A command's exit status is what `$?` would be: the last one's is
+the shell's at exit.
+
+Threads: the main thread reads and runs commands; each job has a waiter thread
+(jobs.py) whose exit notices, and the status line's thread (status.py), only write
+through echo(), which holds a lock so that lines never interleave.
+"""
+from __future__ import annotations
+
+import codecs
+import shlex
+import subprocess
+import sys
+import threading
+from contextlib import redirect_stdout
+
+import click
+
+from llmos.syscalls import KernelDead, SyscallError
+from llmos.userland.commands import exit_code
+from llmos.userland.shell.foreground import Keys
+from llmos.userland.shell.jobs import JobError, JobTable
+
+USAGE = 2           # exit status of a command used wrongly (bash's for a builtin)
+NOT_FOUND = 127     # exit status of an unknown command
+
+
+class ShellExit(Exception):
+    """`exit [N]` (or Ctrl-D): leave with status N."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+class Shell:
+    """A shell on kernel connection k (an SDK Kernel). `out` gets everything the shell
+    prints (a text stream); `input`/`output` are the prompt_toolkit terminal (None: no
+    terminal, as in a script); `tty`: a person's terminal, which a host command (`!CMD`)
+    and top may take over."""
+
+    def __init__(self, k, out=None, input=None, output=None, tty: bool = False):
+        self.k, self.tty = k, tty
+        self.out = out or sys.stdout
+        self.input, self.output = input, output
+        self.keys = Keys(input)
+        self.jobs = JobTable(k, self._job_done)
+        self.status = 0                       # of the last command
+        self.lines = None                     # a script's remaining lines (chat reads them)
+        self.status_line = None               # status.StatusLine while a prompt runs
+        self.background = False               # the command being run ended in `&`
+        self.words: list[str] = []            # the command being run, as typed
+        self._lock = threading.Lock()         # one writer at a time on out
+        self._reader = None                   # the prompt of read_line
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    # ---- output ---------------------------------------------------------------------
+    def echo(self, text: str = "", nl: bool = True) -> None:
+        with self._lock:
+            self.out.write(text + ("\n" if nl else ""))
+            self.out.flush()
+
+    def write(self, text: str) -> None:
+        self.echo(text, nl=False)
+
+    def write_bytes(self, data: bytes) -> None:
+        """A job's output, decoded as it comes (a character may span two reads)."""
+        if data:
+            self.write(self._decoder.decode(data))
+
+    def error(self, text: str) -> None:
+        self.echo(f"llmos: {text}")
+
+    def _job_done(self, job, current: bool) -> None:
+        self.echo(job.line(job.describe(), current))
+
+    def report_end(self, job) -> int:
+        """A foreground job ended: say so if a signal ended it; its exit code."""
+        self.jobs.finished(job)
+        if job.lost:
+            self.error(f"pid {job.pid}: {job.lost}")
+        elif job.status is not None and job.status < 0:
+            self.echo(job.describe())
+        return exit_code(job.status)
+
+    # ---- acting on processes ----------------------------------------------------------
+    def signal(self, pid: int, sig) -> bool:
+        """Send sig to pid; False (said on out) if it failed, e.g. it exited meanwhile."""
+        try:
+            self.k.kill(pid, sig)
+            return True
+        except SyscallError as e:
+            self.error(f"kill {pid}: {e.code}: {e.msg}")
+            return False
+
+    # ---- running lines ----------------------------------------------------------------
+    def execute(self, line: str) -> int:
+        """Run one line; its status (also kept in .status). Raises ShellExit."""
+        line = line.strip()
+        if not line or line.startswith("#"):
+            return self.status
+        if line.startswith("!"):
+            self.status = self._host(line[1:])
+            return self.status
+        try:
+            commands = split(line)
+        except ValueError as e:
+            self.error(f"syntax error: {e}")
+            self.status = USAGE
+            return self.status
+        for words, background in commands:
+            self.status = self.run_command(words, background)
+        return self.status
+
+    def run_command(self, words: list[str], background: bool = False) -> int:
+        from llmos.userland.shell.builtins import BUILTINS
+        name, args = words[0], words[1:]
+        cmd = BUILTINS.commands.get(name)
+        if cmd is None:
+            self.error(f"{name}: command not found (help lists the commands; `run` starts a "
+                       f"program, `!` runs a host command)")
+            return NOT_FOUND
+        if background and name != "run":
+            self.error(f"{name}: only `run` can go in the background")
+            return USAGE
+        self.background, self.words = background, words
+        try:
+            with redirect_stdout(_Writer(self)):
+                status = cmd.main(args, prog_name=name, standalone_mode=False, obj=self)
+        except click.exceptions.Exit as e:
+            return e.exit_code
+        except click.exceptions.Abort:                 # Ctrl-C in a builtin, off raw mode
+            self.echo("^C")
+            return 130
+        except click.ClickException as e:
+            self.error(f"{name}: {e.format_message()}")
+            return USAGE if isinstance(e, click.UsageError) else 1
+        except JobError as e:
+            self.error(f"{name}: {e}")
+            return 1
+        except KernelDead as e:
+            self.error(f"{name}: the kernel is gone ({e.msg}); start one with `llmos up`")
+            return 1
+        except SyscallError as e:
+            self.error(f"{name}: {e.code}: {e.msg}" if e.msg else f"{name}: {e.code}")
+            return 1
+        return status if isinstance(status, int) else 0
+
+    def _host(self, command: str) -> int:
+        """`!CMD`: the host's shell runs CMD; on a terminal it owns the terminal meanwhile."""
+        if not command.strip():
+            return 0
+        if self.tty:
+            return subprocess.run(command, shell=True).returncode
+        done = subprocess.run(command, shell=True, capture_output=True)
+        self.write_bytes(done.stdout + done.stderr)
+        return done.returncode
+
+    def run_script(self, lines) -> int:
+        """Run lines (an iterable of str) with no prompt; the last command's status. A
+        `chat` reads its turns from the lines that follow it."""
+        self.lines = iter(lines)
+        try:
+            for line in self.lines:
+                self.execute(line)
+        except ShellExit as e:
+            self.status = e.status
+        finally:
+            self.close()
+        return self.status
+
+    def read_line(self, prompt: str) -> str:
+        """The next line of input (raises EOFError at the end; KeyboardInterrupt on Ctrl-C
+        at a prompt): from the script when there is one, else from a prompt."""
+        if self.lines is not None:
+            return next(self.lines, None) or _eof()
+        if self._reader is None:
+            from prompt_toolkit import PromptSession
+            self._reader = PromptSession(input=self.input, output=self.output)
+        return self._reader.prompt(prompt)
+
+    def close(self) -> None:
+        live = [j for j in self.jobs.jobs() if not j.exited.is_set()]
+        if live:
+            self.echo(f"llmos: {len(live)} job(s) left running: pid(s) "
+                      f"{' '.join(str(j.pid) for j in live)} (the kernel keeps them; see ps)")
+        self.jobs.close()
+
+
+def _eof() -> str:
+    raise EOFError
+
+
+class _Writer:
+    """sys.stdout for a builtin: click's own output (help, usage) goes through echo()."""
+
+    def __init__(self, sh: Shell):
+        self.sh = sh
+
+    def write(self, text: str) -> int:
+        self.sh.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def split(line: str) -> list[tuple[list[str], bool]]:
+    """A line's commands: (words, in the background) for each, split at `;` and `&`.
+    Quotes work as in sh. Raises ValueError (an open quote, a lone `&`, `&&`)."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=";&")
+    lex.whitespace_split = True
+    commands, words = [], []
+    for token in lex:
+        if token in (";", "&"):
+            if not words:
+                raise ValueError(f"unexpected `{token}`")
+            commands.append((words, token == "&"))
+            words = []
+        elif set(token) <= set(";&"):
+            raise ValueError(f"`{token}` is not supported (use `;` between commands)")
+        else:
+            words.append(token)
+    if words:
+        commands.append((words, False))
+    return commands
