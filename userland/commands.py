@@ -62,8 +62,10 @@ DURATION = Duration()
 
 
 def _connect(home):
+    """The kernel of home, attached as a process named after the command (ps shows `top`)."""
     from llmos.userland import connect
-    return connect(home)
+    ctx = click.get_current_context(silent=True)
+    return connect(home, name=ctx.command_path.removeprefix("llmos ") if ctx else None)
 
 
 def exit_code(status) -> int:
