@@ -119,7 +119,7 @@ class Commands:
             engine.add_request(c.tokens, chat=c.chat, context=c.context,
                                on_event=partial(self._output, c), salt=c.salt,
                                stream=c.stream, request_id=c.rid, owner=c.proc,
-                               account=c.proc.acct, **c.sampling)
+                               account=c.proc.acct, turn=c.turn, **c.sampling)
         except SyscallError as e:          # EngineError and its kinds
             self._forget(c)
             self._refused(c, e.msg)

@@ -32,8 +32,10 @@ class ContextCalls:
 
     def context_extend(self, context: int, prompt=None, *, messages=None) -> None:
         ctx = self._idle_context(context)
+        turn = self.tokenizer.encode_chat_turn(messages, add_generation_prompt=False) \
+            if messages is not None and ctx.seq.tokens else None
         tokens = self._token_ids(self.encode(prompt, messages, reply=False),
-                                 chat=messages is not None, continuing=bool(ctx.seq.tokens))
+                                 messages is not None, ctx.seq.tokens, turn)
         self._check_fits(len(ctx.seq.tokens) + len(tokens), 0)
         ctx.seq.tokens += tokens
 

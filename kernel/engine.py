@@ -50,6 +50,15 @@ from .vm import DiskTier, Pager
 log = logging.getLogger("llmos.engine")
 
 
+
+def continued(tail: list[int], closing: list[int], turn: list[int]) -> list[int]:
+    """A chat turn after tokens ending in tail: the template's closing of the message
+    before it, less the part tail has already (a reply that stopped at `<|im_end|>` lacks
+    only the newline; a system prompt rendered alone has all of it), then the turn."""
+    have = next((k for k in range(min(len(closing), len(tail)), 0, -1)
+                 if tail[-k:] == closing[:k]), 0)
+    return closing[have:] + turn
+
 class Engine(ContextCalls):
     def __init__(self, model, tokenizer: Tokenizer, driver, *, num_blocks: int,
                  block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
@@ -107,13 +116,16 @@ class Engine(ContextCalls):
                     on_event: Callable[[RequestOutput], None] | None = None,
                     salt: bytes | None = None, stream: bool = False, chat: bool = False,
                     request_id: int | None = None, owner: object = None,
-                    account: Account | None = None, **sampling) -> Request:
+                    account: Account | None = None, turn: tuple | None = None,
+                    **sampling) -> Request:
         """Queue a request; return it (its `.id`, or request_id if given, names it for
         `abort`; `owner` is an opaque tag for the caller).
 
         The prompt is text, token ids, or chat `messages`; on a context it is appended to
         the context's tokens. Token ids with chat=True came from the chat template (see
-        encode): a leading BOS is dropped when they continue a context. RequestOutputs
+        encode); on a context that has tokens, chat messages go in as the template renders
+        them in a conversation (`turn`: Tokenizer.encode_chat_turn of them, computed here
+        for `messages`), else without the template's leading BOS. RequestOutputs
         (returned by step, and given to on_event) carry token ids; with stream=True also
         their text, else the text comes whole in the Completion. Raises EngineError
         (EINVAL) for bad input, NoSuchContext, ContextBusy, or KVOutOfMemory when it
@@ -123,9 +135,12 @@ class Engine(ContextCalls):
         account = account or self.anonymous
         params = (params or SamplingParams.from_options(sampling)).check(self.config.vocab_size)
         ctx = self._context(context) if context is not None else None
+        tail = ctx.seq.tokens if ctx else []
         if messages is not None or isinstance(prompt, str):
             prompt, chat = self.encode(prompt, messages), messages is not None
-        tokens = self._token_ids(prompt, chat, continuing=bool(ctx and ctx.seq.tokens))
+            if messages is not None and tail:
+                turn = self.tokenizer.encode_chat_turn(messages)
+        tokens = self._token_ids(prompt, chat, tail, turn)
         if ctx is not None and ctx.busy is not None:
             raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
         seq = ctx.seq if ctx else Sequence([], self.blocks.new_table(salt, account))
@@ -162,11 +177,13 @@ class Engine(ContextCalls):
                 raise EngineError(f"messages: {e}") from None
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        return self._token_ids(prompt, chat=False, continuing=False)
+        return self._token_ids(prompt, chat=False, tail=[])
 
-    def _token_ids(self, prompt, chat: bool, continuing: bool) -> list[int]:
-        """Checked token ids; chat ids continuing a conversation lose the template's BOS
-        (it begins the context)."""
+    def _token_ids(self, prompt, chat: bool, tail: list[int], turn: tuple | None = None
+                   ) -> list[int]:
+        """Checked token ids. Chat ids continuing a conversation (whose tokens so far end
+        in tail) are its `turn` when the template gives one (continued), else they lose
+        the template's BOS (it begins the context)."""
         if not isinstance(prompt, (list, tuple)):
             raise EngineError(f"prompt: text or a list of token ids, got {type(prompt).__name__}")
         tokens = list(prompt)
@@ -174,10 +191,12 @@ class Engine(ContextCalls):
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                    for t in tokens):
             raise EngineError(f"prompt: token ids must be integers in [0, {vocab})")
+        if not (chat and tail):
+            return tokens
+        if turn is not None:
+            return continued(tail, *turn)
         bos = self.tokenizer.token_to_id(self.tokenizer.bos_token or "")
-        if chat and continuing and tokens[:1] == [bos]:
-            return tokens[1:]
-        return tokens
+        return tokens[1:] if tokens[:1] == [bos] else tokens
 
     def _check_fits(self, prompt_len: int, max_tokens: int, account: Account | None = None) -> None:
         total = prompt_len + max_tokens

@@ -20,7 +20,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Add:
     """Start request `rid` for process `proc` on token ids (chat: they came from the
-    chat template, so a leading BOS is dropped when continuing a context)."""
+    chat template; `turn` is how they continue a context that has tokens)."""
     rid: int
     proc: Any                  # the kernel/proc.py Proc that owns it
     call: Any                  # the generate Call: deltas and the reply go there
@@ -33,6 +33,7 @@ class Add:
     salt: bytes                # (a STOPPED process's Pause came first: its account says so)
     model: Any = None          # the registry's ModelSpec (kernel/registry.py)
     mdir: Any = None           # its opened ModelDir: the load plan's input if not loaded
+    turn: Any = None           # chat on a context: the messages as a turn (Engine.add_request)
 
 
 @dataclass(frozen=True)

@@ -53,13 +53,15 @@ class LLMCalls:
             self._join(call, a["share"])
 
         def queue(mdir, tokens: list) -> None:
+            chat = a["messages"] is not None
+            turn = mdir.tokenizer.encode_chat_turn(a["messages"]) if chat and ctx else None
             with self.procs.lock:
                 if proc.requests.get(key) != rid:         # cancelled, killed or dead meanwhile
                     call.reply(Completion(finish_reason="abort"))
                     return
-                self.loop.put(cmd.Add(rid, proc, call, key, tokens, a["messages"] is not None,
-                                      sampling, ctx, a["stream"], self._salt(proc, a["share"]),
-                                      spec, mdir))
+                self.loop.put(cmd.Add(rid, proc, call, key, tokens, chat, sampling, ctx,
+                                      a["stream"], self._salt(proc, a["share"]), spec, mdir,
+                                      turn))
 
         def undo(err: SyscallError) -> None:
             with self.procs.lock:

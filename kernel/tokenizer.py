@@ -119,6 +119,33 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
                            add_special_tokens=False)
 
+    def encode_chat_turn(self, messages: list[dict], add_generation_prompt: bool = True
+                         ) -> tuple[list[int], list[int]] | None:
+        """Messages that continue a conversation, as the template renders them there:
+        (closing, turn) ids, where closing is what the template puts after a message's
+        content (`<|im_end|>\n`) and turn the messages themselves, without what the
+        template puts only at the start (BOS, a default system prompt). None if the
+        template does not render a conversation as a prefix of its continuation.
+
+        Found by rendering a probe exchange alone and followed by the messages: the turn
+        is what the second adds to the first."""
+        probe = [{"role": "user", "content": _PROBE_USER},
+                 {"role": "assistant", "content": _PROBE_REPLY}]
+        try:
+            alone = self.apply_chat_template(probe, add_generation_prompt=False)
+            both = self.apply_chat_template(probe + list(messages), add_generation_prompt)
+        except ChatTemplateError:
+            return None
+        end = alone.find(_PROBE_REPLY) + len(_PROBE_REPLY)
+        if end < len(_PROBE_REPLY) or not both.startswith(alone):
+            return None
+        return (self.encode(alone[end:], add_special_tokens=False),
+                self.encode(both[len(alone):], add_special_tokens=False))
+
+
+# A probe exchange (encode_chat_turn): contents no real message has.
+_PROBE_USER, _PROBE_REPLY = "\x01llmos-probe-user\x01", "\x01llmos-probe-reply\x01"
+
 
 class DetokenizeStream:
     """Incremental detokenizer: push ids one at a time, get text deltas.

@@ -155,11 +155,12 @@ def test_second_turn_on_a_context_computes_only_new_tokens(kernel):
     # the same conversation recomputed from nothing, in-process, gives the same reply
     engine = Engine.from_pretrained("tiny", num_blocks=64)
     tok = engine.tokenizer
-    system = tok.encode_chat([{"role": "system", "content": "You are tiny."}],
-                             add_generation_prompt=False)
-    turn1 = tok.encode_chat([{"role": "user", "content": "add 12 47"}])[1:]      # no 2nd BOS
-    turn2 = tok.encode_chat([{"role": "user", "content": "add 38 57"}])[1:]
-    full = system + turn1 + first["token_ids"] + turn2
+    # the context holds the conversation as the template renders it whole: one BOS, and
+    # the newline the template puts after the reply's </s> (the model stopped at </s>)
+    full = tok.encode_chat([{"role": "system", "content": "You are tiny."},
+                            {"role": "user", "content": "add 12 47"},
+                            {"role": "assistant", "content": first["text"]},
+                            {"role": "user", "content": "add 38 57"}])
     assert len(full) == u2["prompt_tokens"]
     again = engine.generate([full], max_tokens=8)[0]
     assert again.token_ids == second["token_ids"]

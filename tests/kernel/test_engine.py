@@ -177,6 +177,15 @@ def test_multi_turn_context_computes_only_new_tokens(ckpts):
     assert engine.blocks.num_free_blocks == engine.num_blocks
 
 
+def test_a_chat_turn_brings_the_part_of_the_closing_its_context_lacks():
+    from llmos.kernel.engine import continued
+    closing, turn = [7, 8], [1, 2]                  # e.g. <|im_end|> "\n", then the turn
+    assert continued([5, 7, 8], closing, turn) == [1, 2]        # a system prompt alone
+    assert continued([5, 7], closing, turn) == [8, 1, 2]        # a reply stopped at <|im_end|>
+    assert continued([5, 6], closing, turn) == [7, 8, 1, 2]     # one cut by max_tokens
+    assert continued([], closing, turn) == [7, 8, 1, 2]
+
+
 def test_fork_continues_like_recompute(ckpts):
     engine = engine_for(ckpts["mistral"])
     vocab = engine.config.vocab_size

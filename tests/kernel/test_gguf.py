@@ -384,3 +384,29 @@ def test_smollm2_matches_transformers(smollm2):
     answer = our_greedy(model, [prompt], ignore_eos=False)
     assert answer == hf_greedy(smollm2.parent, [prompt], eos=eos, gguf_file=smollm2.name)
     assert answer[0][-1] in eos
+
+
+def test_smollm2_chat_turns_on_a_context_are_the_conversation_its_template_renders(smollm2):
+    """Turns added to a context go in as the template renders them inside one
+    conversation. SmolLM2's template gives a chat without a system message a default
+    one: rendered alone, each turn brought a second system prompt along, and the model
+    answered "And of Italy?" with "And of Italy?". Now the context is the whole
+    conversation's rendering (less the newline after the last <|im_end|>, which the next
+    turn adds), and the second answer follows from the first question."""
+    engine = Engine.from_pretrained(str(smollm2), dtype="float32", num_blocks=64)
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    cid = engine.context_create(messages=[system])
+    history, answers = [system], []
+    for question in ("What is the capital of France?", "And of Italy?"):
+        out = []
+        user = {"role": "user", "content": question}
+        engine.add_request(messages=[user], context=cid, on_event=out.append, max_tokens=24)
+        while engine.has_work():
+            engine.step()
+        answers.append(out[-1].completion.text)
+        history += [user, {"role": "assistant", "content": answers[-1]}]
+    tokens = engine.contexts[cid].seq.tokens
+    full = engine.tokenizer.encode_chat(history, add_generation_prompt=False)
+    assert tokens == full[:len(tokens)] and len(full) - len(tokens) == 1, \
+        engine.tokenizer.decode(tokens, skip_special_tokens=False)
+    assert "Paris" in answers[0] and "Rome" in answers[1], answers
