@@ -86,6 +86,11 @@ def _argv(program: str, args) -> list[str]:
     return [program, *args]
 
 
+def proc_name(program: str, module: bool) -> str:
+    """What ps calls a program run without --name: a file's name, a module's last part."""
+    return program.rsplit(".", 1)[-1] if module else os.path.basename(program)
+
+
 def _copy_new(f, out) -> bool:
     """Copy what was appended to f since the last call; True if anything was."""
     data = f.read()
@@ -115,7 +120,7 @@ def run(program, args, detach, name, nice, module, limits, home) -> None:
     """
     k = _connect(home)
     argv = [sys.executable, "-m", program, *args] if module else _argv(program, args)
-    pid = k.spawn(argv, name=name or os.path.basename(program), nice=nice, limits=limits or None)
+    pid = k.spawn(argv, name=name or proc_name(program, module), nice=nice, limits=limits or None)
     if detach:
         click.echo(pid)
         return

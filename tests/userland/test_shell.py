@@ -118,7 +118,7 @@ def test_the_shell_is_a_process_named_shell(term):
 
 
 def test_run_in_the_background_then_jobs_wait_and_the_exit_notice(term, ticker):
-    term.type(f"run -m llmos.userland.examples.worker 12+47= &\r")
+    term.type("run -m llmos.userland.examples.worker 12+47= &\r")
     job = int(term.out.expect(r"\[1\] (\d+)\n").group(1))
     # its exit is told above the prompt, unasked
     term.out.expect(rf"\[1\]\+ Done\s+pid {job} run -m llmos.userland.examples.worker 12\+47= \(exit 0\)")
@@ -147,20 +147,30 @@ def test_fg_follows_the_output_and_ctrl_c_interrupts_the_job_not_the_shell(term,
 
 
 def test_ctrl_z_stops_the_foreground_job_and_bg_continues_it(term, ticker):
-    term.type(f"run {ticker}\r")
+    term.type(f"run {ticker} &\r")
+    pid = int(term.out.expect(r"\[1\] (\d+)\n").group(1))
+    term.type(f"run {ticker} &\r")
+    other = int(term.out.expect(r"\[2\] (\d+)\n").group(1))
+    term.type("fg %1\r")
     term.out.expect(r"tick \d+\n")
-    pid = next(j.pid for j in term.sh.jobs.jobs())
     term.type(CTRL_Z)
     term.out.expect(rf"\[1\]\+ Stopped\s+pid {pid} run ")
     eventually(lambda: state(term.k, pid) is ProcState.STOPPED, "the job stopped in the kernel")
     term.type("jobs\r")
-    term.out.expect(rf"\[1\]\+ stopped\s+pid {pid}")
-    term.type("bg\r")
-    term.out.expect(rf"\[1\]\+ run .*ticker.py &")
+    term.out.expect(rf"\[1\]\+ stopped\s+pid {pid} .*\n\[2\]  \w+\s+pid {other}")
+    term.type("bg\r")                             # the job just stopped, not the newest
+    term.out.expect(r"\[1\]\+ run .*ticker.py &")
     eventually(lambda: state(term.k, pid) in (ProcState.SLEEPING, ProcState.RUNNING),
                "the job continued")
-    term.type("kill -KILL %1\r")
-    term.out.expect(rf"\[1\]\+ Killed \(SIGKILL\)\s+pid {pid}")
+    term.type("bg %1\r")
+    term.out.expect(r"bg: job 1 already in background")
+    # TERM to a stopped job ends it: the shell continues it, as bash does
+    term.type("kill -s STOP %1\r")
+    eventually(lambda: state(term.k, pid) is ProcState.STOPPED, "stopped again")
+    term.type("kill %1\r")
+    term.out.expect(rf"\[1\]. Killed \(SIGTERM\)\s+pid {pid}")
+    term.type("kill -KILL %2\r")
+    term.out.expect(rf"\[2\]\+ Killed \(SIGKILL\)\s+pid {other}")
 
 
 def test_ctrl_c_cancels_a_foreground_generation_and_the_shell_goes_on(term):

@@ -3,7 +3,6 @@ real kernel, driven by keys (send-keys) and checked by what the screen shows
 (capture-pane). Skipped where tmux is not installed (`apt install tmux`)."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,13 +17,6 @@ from tests.userland.test_cli_kernel import T
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
                                 reason="tmux is not installed (apt install tmux)")
-
-# An agent: asks the model again and again, saying each answer.
-AGENT = ("import sys, time\nfrom llmos.userland import connect\n"
-         "with connect() as k:\n    for i in range(1000):\n"
-         "        print(i, k.generate('12+47=', max_tokens=4).text.strip(), flush=True)\n"
-         "        time.sleep(0.2)\n")
-
 
 class Tmux:
     """One tmux server of our own (-L), a session running argv in a 120x32 window."""
@@ -69,7 +61,7 @@ class Tmux:
 
 
 @pytest.fixture
-def terminal(kernel_home, tmp_path):
+def terminal(kernel_home):
     """start(*llmos args) -> Tmux running `llmos ARGS` on the module's kernel."""
     env = {"LLMOS_HOME": kernel_home, "PYTHONPATH": ROOT, "TERM": "xterm-256color"}
     started = []
@@ -83,14 +75,11 @@ def terminal(kernel_home, tmp_path):
         t.close()
 
 
-def test_a_person_runs_three_agents_watches_them_stops_one_chats_and_leaves(
-        terminal, kernel_home, tmp_path):
-    agent = tmp_path / "agent.py"
-    agent.write_text(AGENT)
+def test_a_person_runs_three_agents_watches_them_stops_one_chats_and_leaves(terminal):
     sh = terminal("shell")
     sh.shows(r"llmos>")
     for n in (1, 2, 3):
-        sh.line(f"run --name agent{n} {agent} &")
+        sh.line(f"run --name agent{n} -m llmos.userland.examples.steady --every 0.2 &")
         sh.shows(rf"\[{n}\] \d+")
     sh.shows(r"\| 3 jobs")                           # the status line at the bottom
     sh.line("top")

@@ -4,13 +4,12 @@ gen and chat live in userland/shell/talk.py.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
 from llmos.userland import listing
-from llmos.userland.commands import _argv, exit_code
+from llmos.userland.commands import _argv, exit_code, proc_name
 from llmos.userland.kernelctl import LIMIT_HELP, check_limits
 from llmos.userland.shell.core import ShellExit
 from llmos.userland.shell import talk
@@ -44,7 +43,7 @@ def run(sh, program, args, name, nice, module):
     (Ctrl-C interrupts it, Ctrl-Z stops it), or, with a trailing `&`, in the background
     ("[1] 7": job 1, pid 7). A .py file or -m module runs with this Python."""
     argv = [sys.executable, "-m", program, *args] if module else _argv(program, args)
-    job = sh.jobs.start(argv, name or os.path.basename(program), " ".join(sh.words),
+    job = sh.jobs.start(argv, name or proc_name(program, module), " ".join(sh.words),
                         sh.background, nice)
     if sh.background:
         sh.echo(f"[{job.id}] {job.pid}")
@@ -83,11 +82,18 @@ def fg(sh, job):
 @click.argument("jobs", nargs=-1)
 @pass_shell
 def bg(sh, jobs):
-    """Continue stopped JOBs (%N or pids; default the newest) in the background."""
+    """Continue stopped JOBs (%N or pids; default the current one) in the background."""
+    stopped = _stopped(sh)
     for spec in jobs or (None,):
         j = sh.jobs.find(spec)
-        if sh.jobs.set_background(j, True) and sh.signal(j.pid, "CONT"):
+        if j.pid not in stopped:
+            sh.echo(f"bg: job {j.id} already in background")
+        elif sh.jobs.set_background(j, True) and sh.signal(j.pid, "CONT"):
             sh.echo(f"[{j.id}]+ {j.command} &")
+
+
+def _stopped(sh) -> set[int]:
+    return {p.pid for p in sh.k.ps() if p.state.value == "stopped"}
 
 
 @builtin(name="wait")
@@ -115,13 +121,19 @@ def wait_(sh, jobs):
 @click.argument("targets", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_shell
 def kill(sh, sig, targets):
-    """Send a signal to processes: PIDs or jobs (%N). `kill -STOP %1` works too."""
+    """Send a signal to processes: PIDs or jobs (%N). `kill -STOP %1` works too. A stopped
+    process that gets TERM, INT or HUP is continued too, to act on it (as bash does)."""
     if sig is None and targets[0].startswith("-") and len(targets) > 1:
         sig, targets = targets[0][1:], targets[1:]
     sig = (sig or "TERM").upper().removeprefix("SIG")
+    sig = int(sig) if sig.isdigit() else sig
+    pids = [sh.jobs.pid_of(spec) for spec in targets]
+    stopped = _stopped(sh) if sig not in ("STOP", "CONT", "KILL", 19, 18, 9) else set()
     failed = 0
-    for spec in targets:
-        failed += not sh.signal(sh.jobs.pid_of(spec), int(sig) if sig.isdigit() else sig)
+    for pid in pids:
+        failed += not sh.signal(pid, sig)
+        if pid in stopped:
+            sh.signal(pid, "CONT")
     return 1 if failed else 0
 
 

@@ -9,6 +9,7 @@ command as typed, and whether the user put it in the background.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class Job:
     status: int | None = None          # exit status once exited; -N: killed by signal N
     lost: str | None = None            # why the status will never come (the kernel went away)
     shown: int = 0                     # bytes of its log shown in the foreground so far
+    touched: int = 0                   # when it was last started, stopped, fg'd or bg'd
     exited: threading.Event = field(default_factory=threading.Event)
 
     def describe(self) -> str:
@@ -70,6 +72,7 @@ class JobTable:
         self.k, self.notify = k, notify
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}          # guarded by _lock
+        self._clock = itertools.count(1)          # orders the jobs' touches (guarded by _lock)
         self._closed = threading.Event()
 
     def start(self, argv: list[str], name: str, command: str, background: bool,
@@ -77,7 +80,8 @@ class JobTable:
         """Spawn argv as a child of the shell and watch it. Raises SyscallError."""
         pid = self.k.spawn(argv, name=name, nice=nice)
         with self._lock:
-            job = Job(max(self._jobs, default=0) + 1, pid, command, background)
+            job = Job(max(self._jobs, default=0) + 1, pid, command, background,
+                      touched=next(self._clock))
             self._jobs[job.id] = job
         threading.Thread(target=self._wait, args=(job,), daemon=True,
                          name=f"llmos-shell-job-{job.id}").start()
@@ -100,20 +104,21 @@ class JobTable:
             return
         job.exited.set()
         with self._lock:
-            due, current = job.background, job.id == max(self._jobs, default=None)
+            due, current = job.background, job is self._by_touch()[-1]
             if due:
                 del self._jobs[job.id]
         if due:
             self.notify(job, current)
 
     def set_background(self, job: Job, background: bool) -> bool:
-        """Move a job to the background (its exit notice is due) or the foreground; False
-        if it already exited (then the caller reports it, and it leaves the table)."""
+        """Move a job to the background (its exit notice is due) or the foreground, making
+        it the current job; False if it already exited (then the caller reports it, and it
+        leaves the table)."""
         with self._lock:
             if job.exited.is_set():
                 self._jobs.pop(job.id, None)
                 return False
-            job.background = background
+            job.background, job.touched = background, next(self._clock)
             return True
 
     def finished(self, job: Job) -> None:
@@ -125,15 +130,21 @@ class JobTable:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: j.id)
 
+    def _by_touch(self) -> list[Job]:
+        return sorted(self._jobs.values(), key=lambda j: j.touched)
+
     def current(self) -> Job | None:
-        """The job `fg`/`bg` act on without an argument: the newest one (bash's `%+`)."""
-        jobs = self.jobs()
+        """The job `fg`/`bg` act on without an argument (bash's `%+`): the one last
+        started, stopped by Ctrl-Z, or moved by fg/bg."""
+        with self._lock:
+            jobs = self._by_touch()
         return jobs[-1] if jobs else None
 
     def find(self, spec: str | None) -> Job:
         """The job of `%N`, `%+`/`%%` (current), `%-` (the one before), or a pid of one of
         the jobs; the current job when spec is None. Raises JobError."""
-        jobs = self.jobs()
+        with self._lock:
+            jobs = self._by_touch()
         if spec is None or spec in ("%", "%%", "%+"):
             if not jobs:
                 raise JobError("no current job")
