@@ -28,7 +28,7 @@ from collections import deque
 import zmq
 
 from . import wire
-from .errors import EINVAL, CallTimeout, KernelDead, SyscallError
+from .errors import ECANCELED, EINVAL, CallTimeout, KernelDead, SyscallError
 from .numbers import Sys
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
@@ -43,6 +43,29 @@ class _Slot:
 
     def __init__(self, cid):
         self.id, self.events, self.done, self.ok, self.body = cid, deque(), False, False, None
+
+
+class CallHandle:
+    """A streaming call that another thread may cancel (Connection.stream(_handle=)):
+    cancel() before the call is sent cancels it as soon as it is."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._conn, self._slot, self._cancelled = None, None, False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            conn, slot = self._conn, self._slot
+        if slot is not None:
+            conn._interrupt(slot)
+
+    def _bind(self, conn: "Connection", slot: _Slot) -> None:
+        with self._lock:
+            self._conn, self._slot = conn, slot
+            cancelled = self._cancelled
+        if cancelled:
+            conn._interrupt(slot)
 
 
 class Connection:
@@ -125,10 +148,15 @@ class Connection:
                 if slot.done:
                     return self._outcome(slot)
 
-    def stream(self, nr: int, _timeout: float | None = None, **args):
+    def stream(self, nr: int, _timeout: float | None = None, _handle: "CallHandle | None" = None,
+               **args):
         """Generator: yields delta payloads (merged when the caller fell behind), then
-        returns the final result (StopIteration.value). Abandoning it cancels the call."""
+        returns the final result (StopIteration.value). Abandoning it cancels the call, and
+        so does `_handle`.cancel() from another thread (the iterating one then gets
+        SyscallError ECANCELED)."""
         slot, leading = self._submit(nr, args)
+        if _handle is not None:
+            _handle._bind(self, slot)
         deadline = self._deadline(_timeout)
         try:
             while True:
@@ -217,6 +245,19 @@ class Connection:
     def _abandon(self, slot: _Slot) -> None:
         with self._cond:
             self._slots.pop(slot.id, None)
+            dead = self._dead
+        if not dead:
+            self._send_or_queue(wire.encode_request(next(self._ids), Sys.CANCEL, {"call": slot.id}))
+
+    def _interrupt(self, slot: _Slot) -> None:
+        """From any thread: end slot's call as cancelled and tell the kernel."""
+        with self._cond:
+            if slot.done:
+                return
+            slot.done, slot.ok, slot.body = True, False, (ECANCELED, "cancelled by the caller")
+            self._slots.pop(slot.id, None)
+            self._cond.notify_all()
+            self._wakeup()                          # a leader waiting on it looks again
             dead = self._dead
         if not dead:
             self._send_or_queue(wire.encode_request(next(self._ids), Sys.CANCEL, {"call": slot.id}))

@@ -40,8 +40,19 @@ def sdk_errors(fn):
         except KernelNotRunning as e:
             raise click.ClickException(e.msg) from None
         except SyscallError as e:
-            raise click.ClickException(f"{e.code}: {e.msg}" if e.msg else e.code) from None
+            raise click.ClickException(error_line(e)) from None
     return wrapper
+
+
+def error_line(e) -> str:
+    """An SDK error as one line: "ESRCH: no process 9"."""
+    return f"{e.code}: {e.msg}" if e.msg else e.code
+
+
+def signal_arg(text: str) -> str | int:
+    """A signal as people write it (TERM, sigterm, 15) as kill() takes it."""
+    sig = text.strip().upper().removeprefix("SIG")
+    return int(sig) if sig.isdigit() else sig
 
 
 class Duration(click.ParamType):
@@ -77,8 +88,11 @@ def exit_code(status) -> int:
     return status if status <= 255 else 1
 
 
-def _argv(program: str, args) -> list[str]:
-    """A .py program runs with this Python; a path is made absolute (the kernel's cwd differs)."""
+def program_argv(program: str, args, module: bool = False) -> list[str]:
+    """The argv that runs PROGRAM ARGS: a module (-m) or a .py file with this Python; a
+    path is made absolute (the kernel's cwd differs)."""
+    if module:
+        return [sys.executable, "-m", program, *args]
     if os.sep in program and os.path.exists(program):
         program = os.path.abspath(program)
     if program.endswith(".py"):
@@ -119,7 +133,7 @@ def run(program, args, detach, name, nice, module, limits, home) -> None:
     for it and exits 130.
     """
     k = _connect(home)
-    argv = [sys.executable, "-m", program, *args] if module else _argv(program, args)
+    argv = program_argv(program, args, module)
     pid = k.spawn(argv, name=name or proc_name(program, module), nice=nice, limits=limits or None)
     if detach:
         click.echo(pid)
@@ -188,9 +202,8 @@ def ps(long, as_json, home) -> None:
 def kill(sig, pids, home) -> None:
     """Send a signal to processes (the owner may signal any process)."""
     k = _connect(home)
-    sig = sig.upper().removeprefix("SIG")
     for pid in pids:
-        k.kill(pid, int(sig) if sig.isdigit() else sig)
+        k.kill(pid, signal_arg(sig))
 
 
 @click.command()

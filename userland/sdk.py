@@ -18,6 +18,7 @@ import weakref
 from pathlib import Path
 
 from llmos.syscalls import CallTimeout, Connection, KernelDead, Sys, SyscallError  # noqa: F401 (re-exported)
+from llmos.syscalls.client import CallHandle
 from llmos.syscalls.args import UNLIMITED
 from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, Limits, MemInfo,  # noqa: F401
                                   ModelInfo, ProcInfo, ProcMem, ProcState, SchedInfo, SyscallInfo,
@@ -36,10 +37,11 @@ class KernelNotRunning(KernelDead):
 class Stream:
     """Iterator of Delta of one streaming generate. When exhausted, `.completion` holds the
     final Completion (None until then). close() (or leaving a `with` block, or dropping the
-    iterator) before the end cancels the generate in the kernel."""
+    iterator) before the end cancels the generate in the kernel; so does cancel(), from
+    any thread, after which the iterating thread gets SyscallError ECANCELED."""
 
-    def __init__(self, gen):
-        self._gen = gen
+    def __init__(self, gen, handle: CallHandle | None = None):
+        self._gen, self._handle = gen, handle
         self.completion: Completion | None = None
 
     def __iter__(self):
@@ -62,6 +64,11 @@ class Stream:
 
     def close(self) -> None:
         self._gen.close()
+
+    def cancel(self) -> None:
+        """Cancel the generate from any thread (a thread blocked in next() wakes up)."""
+        if self._handle is not None:
+            self._handle.cancel()
 
     def __enter__(self):
         return self
@@ -138,7 +145,9 @@ class Kernel:
 
     def _generate(self, args: dict, stream: bool):
         if stream:
-            return Stream(self._conn.stream(Sys.GENERATE, stream=True, **args))
+            handle = CallHandle()
+            return Stream(self._conn.stream(Sys.GENERATE, stream=True, _handle=handle, **args),
+                          handle)
         return Completion.from_wire(self._call(Sys.GENERATE, **args))
 
     def context(self, system: str | None = None, messages: list | None = None,

@@ -32,6 +32,7 @@ from prompt_toolkit.layout import (BufferControl, ConditionalContainer, Formatte
 from prompt_toolkit.layout.processors import BeforeInput
 
 from llmos.syscalls import SyscallError
+from llmos.userland.commands import error_line, signal_arg
 from llmos.userland.top import Order, Rates, arrange, column, read, render
 
 HELP = "s sort  k kill  n renice  f filter  t tree  q quit"
@@ -182,8 +183,7 @@ class TopView:
 
     def _kill(self) -> None:
         def answer_sig(pid, text):
-            sig = text.strip().upper().removeprefix("SIG") or "TERM"
-            sig = int(sig) if sig.isdigit() else sig
+            sig = signal_arg(text or "TERM")
             self._syscall(f"sent {sig} to {pid}", self.k.kill, pid, sig)
         self._ask_pid("signal", lambda pid: Question(
             "signal [TERM]: ", functools.partial(answer_sig, pid)))
@@ -209,11 +209,6 @@ class TopView:
             self._ask_next(then(int(text)))
         default = f" [{first}]" if first is not None else ""
         self._ask_next(Question(f"PID to {verb}{default}: ", answer))
-
-
-def error_line(e: SyscallError) -> str:
-    """An SDK error as one line, as the CLI prints it: "ESRCH: no process 9"."""
-    return f"{e.code}: {e.msg}" if e.msg else e.code
 
 
 async def off_loop(fn, *args):

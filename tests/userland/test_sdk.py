@@ -846,3 +846,31 @@ def test_example_parallel(k):
     for task, answer in (("12+47=", "59"), ("38+57=", "95"), ("64+89=", "153")):
         assert any(task in ln and f"-> {answer} " in ln and ln.endswith("status 0")
                    for ln in out.splitlines()), out
+
+
+def test_stream_cancel_from_another_thread_wakes_the_reader_and_frees_the_context(k):
+    """Stream.cancel() from another thread: the thread blocked in next() gets ECANCELED at
+    once, even before the first token (the request throttled here), and the context is
+    free for the next turn (the shell's Ctrl-C on a chat answer)."""
+    k.setrlimit(k.pid, tokens_per_s=1)
+    try:
+        with k.context() as ctx:
+            s = ctx.generate("12+47=", stream=True, max_tokens=50, ignore_eos=True)
+            got = []
+
+            def read():
+                try:
+                    for _ in s:
+                        pass
+                except SyscallError as e:
+                    got.append(e.code)
+            reader = threading.Thread(target=read)
+            reader.start()
+            until(lambda: any(p.pid == k.pid and p.calls for p in k.ps()), "the call runs", T)
+            s.cancel()
+            reader.join(T)
+            assert not reader.is_alive() and got == ["ECANCELED"]
+            k.setrlimit(k.pid, tokens_per_s="unlimited")
+            assert ctx.generate("12+47=", max_tokens=4).finish_reason in ("stop", "length")
+    finally:
+        k.setrlimit(k.pid, tokens_per_s="unlimited")

@@ -242,7 +242,8 @@ def test_split_reads_lines_as_sh_does():
     assert split("run -m w 12+47= & jobs; wait") == [
         (["run", "-m", "w", "12+47="], True), (["jobs"], False), (["wait"], False)]
     assert split('gen "a; b"') == [(["gen", "a; b"], False)]
-    for bad in ("; ps", "ps && jobs", "gen 'open"):
+    assert split('gen ";" a#b \'\' "x; y"z') == [(["gen", ";", "a#b", "", "x; yz"], False)]
+    for bad in ("; ps", "ps && jobs", "gen 'open", "run x & ; y"):
         with pytest.raises(ValueError):
             split(bad)
 
@@ -268,9 +269,8 @@ def test_commands_on_a_pipe_run_without_a_prompt_and_chat_reads_its_turns(kernel
                          text=True, timeout=T)
     assert run.returncode == 0, run.stderr
     assert "llmos>" not in run.stdout and "you>" not in run.stdout
-    assert re.search(r"tiny> 59\n", run.stdout), run.stdout
-    assert re.search(r"\[context \d+, a fork of \d+; /back returns\]", run.stdout)
-    assert re.search(r"tiny> t a c\n", run.stdout), run.stdout
+    assert run.stdout.startswith("59\n"), run.stdout        # no banner, no speaker
+    assert re.search(r"\[context \d+, a fork of \d+; /back returns\]\nt a c\n", run.stdout)
     with connect(kernel_home, timeout=T) as k:      # the chat's contexts were freed
         assert all(p.contexts == 0 for p in k.ps())
 
@@ -282,3 +282,104 @@ def test_help_lists_every_command_and_explains_one(term):
     assert all(f"  {name} " in listing.group(0) for name in BUILTINS.commands)
     term.type("help kill\r")
     term.out.expect(r"Usage: kill \[OPTIONS\] TARGETS\.\.\.")
+
+
+def test_a_failed_chat_turn_is_told_and_the_chat_goes_on(kernel_home):
+    """Every turn here is refused (600 tokens do not fit the context of 512): each says so,
+    the chat goes on, and its lines never run as commands (a `!` line was run on the
+    host when a failed turn ended the chat)."""
+    script = "chat -n 600\nhello\n!echo HOST COMMAND RAN\n/exit\nsched\n"
+    run = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "shell", "--home",
+                          str(kernel_home)], input=script, cwd=ROOT, capture_output=True,
+                         text=True, timeout=T)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("llmos: chat: EINVAL") == 2 and "HOST COMMAND RAN" not in run.stdout
+    assert "* fair" in run.stdout                      # the line after /exit ran
+
+
+def test_ctrl_c_during_a_chat_answer_cancels_it_in_the_kernel_at_once(term):
+    term.type(f"limit {term.k.pid} tokens_per_s=2\r")
+    term.out.expect(r"tokens_per_s\s+2")
+    term.type("chat\r")
+    term.out.expect(r"chat with tiny on context \d+")
+    term.type("add 12 47\r")
+    eventually(lambda: any(p.pid == term.k.pid and p.calls for p in term.k.ps()), "the turn runs")
+    term.type(CTRL_C)
+    term.out.expect(r"\^C\n")
+    term.type("reverse c a t\r")               # no EBUSY: the first answer is gone
+    term.out.expect(r"tiny> t a c\n")
+    term.type("/exit\r" f"limit {term.k.pid} tokens_per_s=unlimited\r")
+    term.out.expect(r"tokens_per_s\s+unlimited")
+
+
+def test_leaving_with_a_stopped_job_warns_once_then_ends_it(kernel_home, ticker):
+    t = Term(kernel_home)
+    try:
+        t.type(f"run {ticker} &\r")
+        pid = int(t.out.expect(r"\[1\] (\d+)\n").group(1))
+        t.type("kill -STOP %1\r")
+        eventually(lambda: state(t.k, pid) is ProcState.STOPPED, "stopped")
+        t.type("\x04")
+        t.out.expect(r"there are stopped jobs")
+        assert t.thread.is_alive()
+        t.type("exit\r")
+        t.thread.join(T)
+        assert not t.thread.is_alive()
+        with connect(kernel_home, timeout=T) as k:    # TERM, and CONT to act on it
+            eventually(lambda: all(p.pid != pid or p.state is ProcState.ZOMBIE for p in k.ps()),
+                       "the stopped job ended")
+    finally:
+        t.close()
+
+
+def test_ctrl_d_typed_while_a_job_runs_does_not_end_the_shell(term, ticker):
+    term.type(f"run {ticker}\r")
+    term.out.expect(r"tick \d+\n")
+    term.type("\x04")                            # dropped, not kept for the prompt
+    term.type(CTRL_C)
+    term.out.expect(r"Killed \(SIGINT\)")
+    term.type("sched\r")
+    term.out.expect(r"\* fair")
+    assert term.thread.is_alive()
+
+
+def test_nice_takes_a_negative_value_and_wait_returns_on_a_stopped_job(term, ticker):
+    term.type(f"run {ticker} &\r")
+    pid = int(term.out.expect(r"\[1\] (\d+)\n").group(1))
+    term.type("nice -5 %1\r")
+    eventually(lambda: next(p.nice for p in term.k.ps() if p.pid == pid) == -5, "reniced")
+    term.type("kill -STOP %1\r" "wait %1\r" "sched\r")
+    term.out.expect(r"\* fair")                    # wait came back
+    assert term.sh.status == 0 and state(term.k, pid) is ProcState.STOPPED
+    term.type("kill -KILL %1\r")
+    term.out.expect(r"Killed \(SIGKILL\)")
+
+
+def test_sigint_ends_a_script_and_the_host_command_it_ran(kernel_home):
+    import os
+    import signal
+    import psutil
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
+    shell = subprocess.Popen([sys.executable, "-m", "llmos.userland.cli", "shell", "--home",
+                              str(kernel_home), "-c", "!sleep 60\nsched"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        eventually(lambda: any("sleep" in " ".join(c.cmdline())
+                               for c in psutil.Process(shell.pid).children(recursive=True)),
+                   "the host command runs")
+        shell.send_signal(signal.SIGINT)
+        out, _ = shell.communicate(timeout=T)
+    finally:
+        shell.kill()
+        shell.wait(T)
+    assert shell.returncode == 130 and "fair" not in out       # the script stopped there
+
+
+def test_a_script_leaving_a_job_running_says_so_and_nothing_else(kernel_home, ticker):
+    run = llmos(kernel_home, "shell", "-c", f"run {ticker} &")
+    assert run.returncode == 0, run.stderr
+    assert "job(s) left running" in run.stdout and "Lost" not in run.stdout
+    pid = int(re.search(r"\[1\] (\d+)", run.stdout).group(1))
+    with connect(kernel_home, timeout=T) as k:
+        k.kill(pid, "KILL")
+        assert k.wait(pid, timeout=T) == -9

@@ -38,19 +38,22 @@ def repl(sh: Shell, history: str | None) -> int:
         bottom_toolbar=lambda: sh.status_line.text, refresh_interval=REFRESH,
         input=sh.input, output=sh.output)
     sh.echo(f"llmos shell, pid {sh.k.pid}: `help` lists the commands, Ctrl-D leaves")
+    warned = False
     try:
         while True:
             try:
-                line = session.prompt(PROMPT)
-            except KeyboardInterrupt:
+                sh.execute(session.prompt(PROMPT))
+                continue
+            except KeyboardInterrupt:               # at the prompt, or between commands
                 continue
             except EOFError:
-                break
-            try:
-                sh.execute(line)
+                pass
             except ShellExit as e:
                 sh.status = e.status
+            if warned or not sh.stopped_jobs():
                 break
+            warned = True                           # as bash: the second exit leaves
+            sh.echo("llmos: there are stopped jobs (leaving ends them: exit again to leave)")
     finally:
         sh.status_line.stop()
         sh.close()
@@ -69,8 +72,10 @@ def shell(command, script, home) -> None:
     from llmos.userland import connect
     k = connect(home, name="shell")
     if command is not None or script is not None or not sys.stdin.isatty():
-        lines = [command] if command is not None else (script or sys.stdin)
-        sys.exit(Shell(k).run_script(lines))
+        lines = command.splitlines() if command is not None else (script or sys.stdin)
+        status = Shell(k).run_script(lines)
+        k.close()
+        sys.exit(status)
     from prompt_toolkit.input import create_input
     from prompt_toolkit.output import create_output
     from prompt_toolkit.patch_stdout import patch_stdout

@@ -4,19 +4,22 @@ gen and chat live in userland/shell/talk.py.
 """
 from __future__ import annotations
 
-import sys
+import shlex
+import time
 
 import click
 
 from llmos.userland import listing
-from llmos.userland.commands import _argv, exit_code, proc_name
+from llmos.userland.commands import (INTERRUPTED, _alive, proc_name, program_argv,
+                                     signal_arg)
 from llmos.userland.kernelctl import LIMIT_HELP, check_limits
 from llmos.userland.shell.core import ShellExit
 from llmos.userland.shell import talk
-from llmos.userland.shell.foreground import follow
+from llmos.userland.shell.foreground import STOPPED, follow
 
 pass_shell = click.pass_obj
-SETTINGS = {"help_option_names": ["-h", "--help"]}
+SETTINGS = talk.HELP
+STOPPED_CHECK = 1.0     # s between wait's looks at whether the job it waits for is stopped
 
 
 @click.group(context_settings=SETTINGS)
@@ -42,14 +45,13 @@ def run(sh, program, args, name, nice, module):
     """Run PROGRAM [ARGS...] as a child of the shell: in the foreground, showing its output
     (Ctrl-C interrupts it, Ctrl-Z stops it), or, with a trailing `&`, in the background
     ("[1] 7": job 1, pid 7). A .py file or -m module runs with this Python."""
-    argv = [sys.executable, "-m", program, *args] if module else _argv(program, args)
-    job = sh.jobs.start(argv, name or proc_name(program, module), " ".join(sh.words),
-                        sh.background, nice)
+    job = sh.jobs.start(program_argv(program, args, module), name or proc_name(program, module),
+                        shlex.join(sh.words), sh.background, nice)
     if sh.background:
         sh.echo(f"[{job.id}] {job.pid}")
         return 0
     status = follow(sh, job)
-    return 148 if status is None else status          # 128 + SIGTSTP, as bash
+    return STOPPED if status is None else status
 
 
 @builtin()
@@ -69,13 +71,12 @@ def jobs(sh):
 def fg(sh, job):
     """Bring JOB (%N or a pid; default the newest) to the foreground, continuing it if stopped."""
     j = sh.jobs.find(job)
-    if not sh.jobs.set_background(j, False):
-        sh.echo(j.line(j.describe()))
-        return 0
+    if not sh.jobs.set_background(j, False):          # it has just exited
+        return sh.report_end(j, line=True)
     sh.echo(j.command)
-    sh.signal(j.pid, "CONT")
+    sh.signal(j.pid, "CONT", quiet=True)
     status = follow(sh, j)
-    return 148 if status is None else status
+    return STOPPED if status is None else status
 
 
 @builtin()
@@ -83,7 +84,7 @@ def fg(sh, job):
 @pass_shell
 def bg(sh, jobs):
     """Continue stopped JOBs (%N or pids; default the current one) in the background."""
-    stopped = _stopped(sh)
+    stopped = sh.stopped_pids()
     for spec in jobs or (None,):
         j = sh.jobs.find(spec)
         if j.pid not in stopped:
@@ -92,27 +93,34 @@ def bg(sh, jobs):
             sh.echo(f"[{j.id}]+ {j.command} &")
 
 
-def _stopped(sh) -> set[int]:
-    return {p.pid for p in sh.k.ps() if p.state.value == "stopped"}
-
-
 @builtin(name="wait")
 @click.argument("jobs", nargs=-1)
 @pass_shell
 def wait_(sh, jobs):
-    """Wait for JOBs (%N or pids; default all the shell's jobs) to exit; the status is the
-    last one's. Ctrl-C stops waiting (the jobs go on)."""
+    """Wait for JOBs (%N or pids; default all the shell's jobs) to exit or stop; the status
+    is the last one's (148 for a stopped one). Ctrl-C stops waiting (the jobs go on)."""
     chosen = [sh.jobs.find(s) for s in jobs] if jobs else sh.jobs.jobs()
     status = 0
     with sh.keys.watching() as keys:
-        for j in chosen:
-            while not j.exited.wait(0):
-                if "c-c" in keys.poll():
-                    sh.echo("^C")
-                    return 130
-            sh.jobs.finished(j)
-            status = 1 if j.lost else exit_code(j.status)
+        for job in chosen:
+            status = _wait_one(sh, job, keys)
+            if status == INTERRUPTED:
+                break
     return status
+
+
+def _wait_one(sh, job, keys) -> int:
+    """Until job exits (its exit code), is stopped (STOPPED) or Ctrl-C (INTERRUPTED)."""
+    look = time.monotonic() + STOPPED_CHECK
+    while not job.exited.is_set():
+        if "c-c" in keys.poll():
+            sh.echo("^C")
+            return INTERRUPTED
+        if time.monotonic() >= look:
+            if job.pid in sh.stopped_pids():
+                return STOPPED
+            look = time.monotonic() + STOPPED_CHECK
+    return sh.report_end(job)
 
 
 @builtin(context_settings={"ignore_unknown_options": True})
@@ -125,10 +133,9 @@ def kill(sh, sig, targets):
     process that gets TERM, INT or HUP is continued too, to act on it (as bash does)."""
     if sig is None and targets[0].startswith("-") and len(targets) > 1:
         sig, targets = targets[0][1:], targets[1:]
-    sig = (sig or "TERM").upper().removeprefix("SIG")
-    sig = int(sig) if sig.isdigit() else sig
+    sig = signal_arg(sig or "TERM")
     pids = [sh.jobs.pid_of(spec) for spec in targets]
-    stopped = _stopped(sh) if sig not in ("STOP", "CONT", "KILL", 19, 18, 9) else set()
+    stopped = sh.stopped_pids() if sig not in ("STOP", "CONT", "KILL", 19, 18, 9) else set()
     failed = 0
     for pid in pids:
         failed += not sh.signal(pid, sig)
@@ -137,7 +144,7 @@ def kill(sh, sig, targets):
     return 1 if failed else 0
 
 
-@builtin()
+@builtin(context_settings={"ignore_unknown_options": True})   # nice -5 PID
 @click.argument("value", type=click.IntRange(-20, 19))
 @click.argument("targets", nargs=-1, required=True)
 @pass_shell
@@ -159,9 +166,9 @@ def logs(sh, target, follow_):
         raise click.ClickException(f"no log for pid {pid}")
     with open(path, "rb") as f, sh.keys.watching() as keys:
         sh.write_bytes(f.read())
-        while follow_ and any(p.pid == pid and p.state.value != "zombie" for p in sh.k.ps()):
+        while follow_ and _alive(sh.k, pid):
             if "c-c" in keys.poll(0.25):
-                return 130
+                return INTERRUPTED
             sh.write_bytes(f.read())
         sh.write_bytes(f.read())
 
@@ -265,7 +272,7 @@ def help_(sh, command):
         cmd = BUILTINS.commands.get(command)
         if cmd is None:
             raise click.UsageError(f"no command {command!r}")
-        with click.Context(cmd, info_name=command) as ctx:
+        with click.Context(cmd, info_name=command, help_option_names=["-h", "--help"]) as ctx:
             sh.echo(cmd.get_help(ctx))
         return
     width = max(map(len, BUILTINS.commands))

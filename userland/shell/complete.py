@@ -58,9 +58,12 @@ class ShellCompleter(Completer):
     def _models(self) -> list[str]:
         return list(self.sh.status_line.model_names) if self.sh.status_line else []
 
-    def _paths(self, word: str, event):
-        for c in self.paths.get_completions(Document(word, len(word)), event):
-            yield c
+    def _paths(self, word: str, event) -> list[Completion]:
+        """Paths that complete word; none for a word no path can be (a NUL in it)."""
+        try:
+            return list(self.paths.get_completions(Document(word, len(word)), event))
+        except (OSError, ValueError):
+            return []
 
 
 def _matching(word: str, candidates) -> list[Completion]:

@@ -23,7 +23,7 @@ from contextlib import redirect_stdout
 import click
 
 from llmos.syscalls import KernelDead, SyscallError
-from llmos.userland.commands import exit_code
+from llmos.userland.commands import INTERRUPTED, error_line, exit_code
 from llmos.userland.shell.foreground import Keys
 from llmos.userland.shell.jobs import JobError, JobTable
 
@@ -79,23 +79,28 @@ class Shell:
     def _job_done(self, job, current: bool) -> None:
         self.echo(job.line(job.describe(), current))
 
-    def report_end(self, job) -> int:
-        """A foreground job ended: say so if a signal ended it; its exit code."""
-        self.jobs.finished(job)
-        if job.lost:
-            self.error(f"pid {job.pid}: {job.lost}")
-        elif job.status is not None and job.status < 0:
-            self.echo(job.describe())
-        return exit_code(job.status)
+    def report_end(self, job, line: bool = False) -> int:
+        """An exited job's end, told here unless its waiter told it already: its job line
+        (line=True), else (a job in the foreground) a word if a signal ended it. Returns
+        its exit code."""
+        if self.jobs.take_report(job):
+            if line:
+                self.echo(job.line(job.describe()))
+            elif job.lost:
+                self.error(f"pid {job.pid}: {job.lost}")
+            elif job.status is not None and job.status < 0:
+                self.echo(job.describe())
+        return 1 if job.lost else exit_code(job.status)
 
     # ---- acting on processes ----------------------------------------------------------
-    def signal(self, pid: int, sig) -> bool:
-        """Send sig to pid; False (said on out) if it failed, e.g. it exited meanwhile."""
+    def signal(self, pid: int, sig, quiet: bool = False) -> bool:
+        """Send sig to pid; False if it failed (said on out unless quiet), e.g. it exited meanwhile."""
         try:
             self.k.kill(pid, sig)
             return True
         except SyscallError as e:
-            self.error(f"kill {pid}: {e.code}: {e.msg}")
+            if not quiet:
+                self.error(f"kill {pid}: {e.code}: {e.msg}")
             return False
 
     # ---- running lines ----------------------------------------------------------------
@@ -135,8 +140,9 @@ class Shell:
         except click.exceptions.Exit as e:
             return e.exit_code
         except click.exceptions.Abort:                 # Ctrl-C in a builtin, off raw mode
+            self.keys.interrupted = True
             self.echo("^C")
-            return 130
+            return INTERRUPTED
         except click.ClickException as e:
             self.error(f"{name}: {e.format_message()}")
             return USAGE if isinstance(e, click.UsageError) else 1
@@ -147,7 +153,7 @@ class Shell:
             self.error(f"{name}: the kernel is gone ({e.msg}); start one with `llmos up`")
             return 1
         except SyscallError as e:
-            self.error(f"{name}: {e.code}: {e.msg}" if e.msg else f"{name}: {e.code}")
+            self.error(f"{name}: {error_line(e)}")
             return 1
         return status if isinstance(status, int) else 0
 
@@ -155,21 +161,32 @@ class Shell:
         """`!CMD`: the host's shell runs CMD; on a terminal it owns the terminal meanwhile."""
         if not command.strip():
             return 0
-        if self.tty:
-            return subprocess.run(command, shell=True).returncode
-        done = subprocess.run(command, shell=True, capture_output=True)
+        try:
+            if self.tty:            # Ctrl-C reaches the command too: the terminal's group
+                return subprocess.run(command, shell=True).returncode
+            done = subprocess.run(command, shell=True, capture_output=True)
+        except KeyboardInterrupt:   # subprocess.run has killed and reaped it
+            self.keys.interrupted = True
+            self.echo("^C")
+            return INTERRUPTED
         self.write_bytes(done.stdout + done.stderr)
         return done.returncode
 
     def run_script(self, lines) -> int:
         """Run lines (an iterable of str) with no prompt; the last command's status. A
-        `chat` reads its turns from the lines that follow it."""
+        `chat` reads its turns from the lines that follow it. Ctrl-C (SIGINT) ends the
+        script, after the command it interrupted, with status 130."""
         self.lines = iter(lines)
         try:
             for line in self.lines:
                 self.execute(line)
+                if self.keys.interrupted:
+                    self.status = INTERRUPTED
+                    break
         except ShellExit as e:
             self.status = e.status
+        except KeyboardInterrupt:
+            self.status = INTERRUPTED
         finally:
             self.close()
         return self.status
@@ -178,22 +195,39 @@ class Shell:
         """The next line of input (raises EOFError at the end; KeyboardInterrupt on Ctrl-C
         at a prompt): from the script when there is one, else from a prompt."""
         if self.lines is not None:
-            return next(self.lines, None) or _eof()
+            line = next(self.lines, None)
+            if line is None:
+                raise EOFError
+            return line.rstrip("\n")
         if self._reader is None:
             from prompt_toolkit import PromptSession
             self._reader = PromptSession(input=self.input, output=self.output)
         return self._reader.prompt(prompt)
 
+    def stopped_jobs(self) -> list:
+        pids = self.stopped_pids()
+        return [j for j in self.jobs.jobs() if j.pid in pids]
+
+    def stopped_pids(self) -> set[int]:
+        """The processes stopped now (the kernel's word; none if it cannot say)."""
+        from llmos.syscalls.types import ProcState
+        try:
+            return {p.pid for p in self.k.ps() if p.state is ProcState.STOPPED}
+        except SyscallError:
+            return set()
+
     def close(self) -> None:
-        live = [j for j in self.jobs.jobs() if not j.exited.is_set()]
+        """Leaving: stopped jobs get TERM and CONT (bash's HUP and CONT); running ones go
+        on, the kernel's children now."""
+        stopped = self.stopped_jobs()
+        for j in stopped:
+            self.signal(j.pid, "TERM", quiet=True)
+            self.signal(j.pid, "CONT", quiet=True)
+        live = [j for j in self.jobs.jobs() if not j.exited.is_set() and j not in stopped]
         if live:
             self.echo(f"llmos: {len(live)} job(s) left running: pid(s) "
                       f"{' '.join(str(j.pid) for j in live)} (the kernel keeps them; see ps)")
         self.jobs.close()
-
-
-def _eof() -> str:
-    raise EOFError
 
 
 class _Writer:
@@ -214,21 +248,38 @@ class _Writer:
 
 
 def split(line: str) -> list[tuple[list[str], bool]]:
-    """A line's commands: (words, in the background) for each, split at `;` and `&`.
-    Quotes work as in sh. Raises ValueError (an open quote, a lone `&`, `&&`)."""
-    lex = shlex.shlex(line, posix=True, punctuation_chars=";&")
-    lex.whitespace_split = True
-    commands, words = [], []
-    for token in lex:
-        if token in (";", "&"):
+    """A line's commands: (words, in the background) for each, split at `;` and `&`
+    outside quotes. Words are as sh makes them (quotes, backslashes; `#` is a character).
+    Raises ValueError (an open quote, an empty command, `&&`)."""
+    commands, start, quote, i = [], 0, None, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == quote:
+                quote = None
+            elif c == "\\" and quote == '"':
+                i += 1
+        elif c in "'\"":
+            quote = c
+        elif c == "\\":
+            i += 1
+        elif c in ";&":
+            if line[i + 1:i + 2] == c:
+                raise ValueError(f"`{c}{c}` is not supported (use `;` between commands)")
+            words = _words(line[start:i])
             if not words:
-                raise ValueError(f"unexpected `{token}`")
-            commands.append((words, token == "&"))
-            words = []
-        elif set(token) <= set(";&"):
-            raise ValueError(f"`{token}` is not supported (use `;` between commands)")
-        else:
-            words.append(token)
-    if words:
+                raise ValueError(f"unexpected `{c}`")
+            commands.append((words, c == "&"))
+            start = i + 1
+        i += 1
+    if quote:
+        raise ValueError("no closing quotation")
+    if words := _words(line[start:]):
         commands.append((words, False))
     return commands
+
+
+def _words(text: str) -> list[str]:
+    lex = shlex.shlex(text, posix=True)
+    lex.whitespace_split, lex.commenters = True, ""
+    return list(lex)

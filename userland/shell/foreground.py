@@ -5,38 +5,42 @@ and Ctrl-Z arrive as keys (not as signals to the shell) and act on the job:
     Ctrl-C   the job gets INT (a second Ctrl-C: KILL); a generation is cancelled
     Ctrl-Z   the job gets STOP and the shell returns to its prompt ("Stopped")
 
-Other keys typed meanwhile are kept for the next prompt (typeahead), as a terminal
-keeps them. Without a terminal (a script, a pipe) there are no keys: SIGINT then
-interrupts the foreground job the same way.
+Printable keys typed meanwhile are kept for the next prompt (typeahead), as a terminal
+keeps them; other control keys (Ctrl-D above all) are dropped. Without a terminal (a
+script, a pipe) there are no keys: SIGINT then interrupts the foreground job the same
+way, and the script stops after it (Keys.interrupted).
 """
 from __future__ import annotations
 
 import queue
 import select
+import signal
 import threading
 from contextlib import contextmanager
 
-from llmos.syscalls import KernelDead, SyscallError
+from llmos.syscalls import ECANCELED, SyscallError
 
 POLL = 0.1          # s between looks at the keys, the job's log and its exit
+STOPPED = 148       # status of a command whose job Ctrl-Z stopped (128 + SIGTSTP, as bash)
 
 
 class Keys:
     """The keys typed while something runs in the foreground: poll() returns "c-c" and
-    "c-z" presses and keeps any other key for the next prompt."""
+    "c-z" presses and keeps printable keys for the next prompt."""
 
     def __init__(self, inp):
         self.input = inp                # a prompt_toolkit Input, or None (no terminal)
-        self._interrupted = 0           # SIGINTs seen without a terminal
+        self._sigints = 0               # SIGINTs not yet polled (no terminal)
+        self.interrupted = False        # a SIGINT came (no terminal): a script stops
 
     @contextmanager
     def watching(self):
         """Raw mode while the block runs; without a terminal, SIGINT counts as Ctrl-C."""
+        self._sigints = 0
         if self.input is not None:
             with self.input.raw_mode():
                 yield self
             return
-        import signal
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -47,13 +51,14 @@ class Keys:
             signal.signal(signal.SIGINT, previous)
 
     def _on_sigint(self, signum, frame) -> None:
-        self._interrupted += 1
+        self._sigints += 1
+        self.interrupted = True
 
     def poll(self, timeout: float = POLL) -> list[str]:
         """Wait up to timeout for keys; the control keys pressed, in order."""
         if self.input is None:
             threading.Event().wait(timeout)
-            found, self._interrupted = ["c-c"] * self._interrupted, 0
+            found, self._sigints = ["c-c"] * self._sigints, 0
             return found
         ready, _, _ = select.select([self.input.fileno()], [], [], timeout)
         if not ready:
@@ -67,8 +72,8 @@ class Keys:
         for press in presses:
             if press.key in (K.ControlC, K.ControlZ):
                 found.append("c-c" if press.key == K.ControlC else "c-z")
-            else:
-                kept.append(press)
+            elif press.key in (K.ControlM, K.ControlJ, K.ControlI) or len(press.key) == 1:
+                kept.append(press)      # text and Enter: the next command, typed ahead
         store_typeahead(self.input, kept)
         return found
 
@@ -92,13 +97,14 @@ def follow(sh, job) -> int | None:
                     return sh.report_end(job)
                 for key in keys.poll():
                     if key == "c-z":
-                        sh.signal(job.pid, "STOP")
-                        sh.jobs.set_background(job, True)
+                        sh.signal(job.pid, "STOP", quiet=True)
+                        if not sh.jobs.set_background(job, True):    # it exited meanwhile
+                            return sh.report_end(job)
                         sh.echo("\n" + job.line("Stopped", current=True))
                         return None
                     sent += 1
                     sh.echo(f"\n[llmos: sending {'INT' if sent == 1 else 'KILL'} to pid {job.pid}]")
-                    sh.signal(job.pid, "INT" if sent == 1 else "KILL")
+                    sh.signal(job.pid, "INT" if sent == 1 else "KILL", quiet=True)
         finally:
             if f is not None:
                 sh.write_bytes(f.read())
@@ -106,45 +112,48 @@ def follow(sh, job) -> int | None:
                 f.close()
 
 
-_END = object()
+_END = "end"
 
 
-def stream(sh, start) -> tuple[object | None, bool]:
-    """Echo the deltas of the Stream that start() returns, as they come; Ctrl-C cancels it.
-    Returns (its Completion or None, whether the user interrupted). Raises SyscallError.
+def _read(s, deltas: queue.Queue) -> None:
+    """The reader thread of stream(): each Delta of Stream s, then (_END, the Completion
+    or the exception that ended it)."""
+    try:
+        for delta in s:
+            deltas.put(delta)
+        deltas.put((_END, s.completion))
+    except BaseException as e:          # noqa: BLE001 (handed to the shell's thread)
+        deltas.put((_END, e))
 
-    The stream is read on a thread of its own so that the keys are watched meanwhile; a
-    cancel takes effect at its next delta (a request still queued ends when it starts).
-    """
+
+def stream(sh, s) -> tuple[object | None, bool]:
+    """Echo the deltas of Stream s (not yet started) as they come; Ctrl-C cancels it in
+    the kernel at once. Returns (its Completion or None, whether the user interrupted).
+    Raises what ended the stream (SyscallError, KernelDead).
+
+    The stream is read on a thread of its own so that the keys are watched meanwhile."""
     deltas: queue.Queue = queue.Queue()
-    cancel = threading.Event()
-
-    def read():
-        try:
-            with start() as s:
-                for delta in s:
-                    deltas.put(delta)
-                    if cancel.is_set():
-                        return                 # leaving the block cancels it in the kernel
-                deltas.put((_END, s.completion))
-        except (SyscallError, KernelDead) as e:
-            deltas.put((_END, e))
-
-    reader = threading.Thread(target=read, daemon=True, name="llmos-shell-stream")
+    reader = threading.Thread(target=_read, args=(s, deltas), daemon=True,
+                              name="llmos-shell-stream")
     reader.start()
+    interrupted = False
     with sh.keys.watching() as keys:
         while True:
             try:
                 item = deltas.get(timeout=POLL)
             except queue.Empty:
                 item = None
-            if isinstance(item, tuple) and item[0] is _END:
-                if isinstance(item[1], BaseException):
-                    raise item[1]
-                return item[1], False
+            if isinstance(item, tuple) and item[0] == _END:
+                break
             if item is not None:
                 sh.write(item.text)
-            if "c-c" in keys.poll(0):
-                cancel.set()
+            if not interrupted and "c-c" in keys.poll(0):
+                interrupted = True
+                s.cancel()                  # the reader wakes with ECANCELED
                 sh.echo("^C")
-                return None, True
+    end = item[1]
+    if isinstance(end, SyscallError) and end.code == ECANCELED and interrupted:
+        return None, True
+    if isinstance(end, BaseException):
+        raise end
+    return end, interrupted

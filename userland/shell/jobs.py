@@ -64,9 +64,10 @@ def signal_name(n: int) -> str:
 
 
 class JobTable:
-    """Jobs by number. `notify(job, current)` is called from the job's waiter thread when
-    a job in the background exits (current: it was the newest job); a foreground job's end
-    is told by whoever follows it."""
+    """Jobs by number. Each job's end is told once: by its waiter thread, which calls
+    `notify(job, current)` when a job in the background exits (current: it was the
+    current job), or by whoever has it in the foreground (take_report). A job leaves the
+    table when its end is told."""
 
     def __init__(self, k, notify):
         self.k, self.notify = k, notify
@@ -102,29 +103,30 @@ class JobTable:
                 break
         else:
             return
-        job.exited.set()
+        if self._closed.is_set():
+            return                                # the shell is leaving: nobody to tell
         with self._lock:
-            due, current = job.background, job is self._by_touch()[-1]
-            if due:
-                del self._jobs[job.id]
+            job.exited.set()
+            current = job is self._by_touch()[-1]
+            due = job.background and self._jobs.pop(job.id, None) is not None
         if due:
             self.notify(job, current)
 
     def set_background(self, job: Job, background: bool) -> bool:
         """Move a job to the background (its exit notice is due) or the foreground, making
-        it the current job; False if it already exited (then the caller reports it, and it
-        leaves the table)."""
+        it the current job; False if it already exited (take_report says whether its end
+        is still to be told)."""
         with self._lock:
             if job.exited.is_set():
-                self._jobs.pop(job.id, None)
                 return False
             job.background, job.touched = background, next(self._clock)
             return True
 
-    def finished(self, job: Job) -> None:
-        """A foreground job whose end was reported leaves the table."""
+    def take_report(self, job: Job) -> bool:
+        """The caller tells an exited job's end (it leaves the table): True, unless its
+        waiter or another caller told it already."""
         with self._lock:
-            self._jobs.pop(job.id, None)
+            return self._jobs.pop(job.id, None) is not None
 
     def jobs(self) -> list[Job]:
         with self._lock:

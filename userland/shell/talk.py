@@ -17,6 +17,8 @@ import time
 
 import click
 
+from llmos.syscalls import KernelDead, SyscallError
+from llmos.userland.commands import INTERRUPTED, error_line
 from llmos.userland.shell.foreground import stream
 
 CHAT_HELP = """\
@@ -48,11 +50,11 @@ def gen(sh, text, as_chat, ignore_eos, model, max_tokens, temperature):
     text = " ".join(text)
     source = {"messages": [{"role": "user", "content": text}]} if as_chat else {"prompt": text}
     start = time.perf_counter()
-    done, interrupted = stream(sh, lambda: sh.k.generate(
+    done, interrupted = stream(sh, sh.k.generate(
         **source, stream=True, model=model, max_tokens=max_tokens, temperature=temperature,
         ignore_eos=ignore_eos or None))
     if interrupted:
-        return 130
+        return INTERRUPTED
     u = done.usage
     sh.echo(f"\n[{done.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} "
             f"completion tokens in {time.perf_counter() - start:.2f}s]")
@@ -64,31 +66,37 @@ def gen(sh, text, as_chat, ignore_eos, model, max_tokens, temperature):
 @click.pass_obj
 def chat(sh, system, model, max_tokens, temperature):
     """Talk with the model: each line is your turn, answered on one context kept across
-    turns. /exit leaves; /help lists /system, /reset, /fork, /back."""
-    talk = Conversation(sh, system, model)
+    turns. /exit leaves; /help lists /system, /reset, /fork, /back. A turn that fails
+    (the context is full, say) is told and the chat goes on; a kernel gone ends it."""
     name = model or next((m.name for m in sh.k.models() if m.default), "model")
-    sh.echo(f"chat with {name} on context {talk.ctx.id}; /help for commands, /exit to leave")
+    talk = Conversation(sh, system, model)
+    if sh.lines is None:
+        sh.echo(f"chat with {name} on context {talk.ctx.id}; /help for commands, /exit to leave")
+    line = None
     try:
-        while True:
+        while (line := _next_turn(sh)) not in (None, "/exit", "/quit"):
             try:
-                line = sh.read_line("you> ").strip()
-            except KeyboardInterrupt:
-                continue
-            except EOFError:
-                break
-            if line in ("/exit", "/quit"):
-                break
-            if line.startswith("/"):
-                talk.command(line)
-            elif line:
-                sh.write(f"{name}> ")
-                done, interrupted = stream(sh, lambda: talk.ctx.generate(
-                    messages=[{"role": "user", "content": line}], stream=True,
-                    max_tokens=max_tokens, temperature=temperature))
-                if not interrupted:
-                    sh.echo()
+                talk.say(line, name, max_tokens, temperature)
+            except KernelDead:
+                raise
+            except SyscallError as e:
+                sh.error(f"chat: {error_line(e)}")
     finally:
         talk.close()
+        if line not in (None, "/exit", "/quit"):     # ended early: a script's turns are not commands
+            while _next_turn(sh) not in (None, "/exit", "/quit"):
+                pass
+
+
+def _next_turn(sh) -> str | None:
+    """The user's next line (None: Ctrl-D or the script's end); Ctrl-C at the prompt skips."""
+    while True:
+        try:
+            return sh.read_line("you> ").strip()
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return None
 
 
 class Conversation:
@@ -101,6 +109,21 @@ class Conversation:
     @property
     def ctx(self):
         return self.stack[-1]
+
+    def say(self, line: str, name: str, max_tokens, temperature) -> None:
+        """One line of the user's: a /command, or a turn whose answer is streamed."""
+        if line.startswith("/"):
+            self.command(line)
+            return
+        if not line:
+            return
+        if self.sh.lines is None:
+            self.sh.write(f"{name}> ")
+        _, interrupted = stream(self.sh, self.ctx.generate(
+            messages=[{"role": "user", "content": line}], stream=True,
+            max_tokens=max_tokens, temperature=temperature))
+        if not interrupted:
+            self.sh.echo()
 
     def command(self, line: str) -> None:
         word, _, rest = line.partition(" ")
