@@ -216,6 +216,10 @@ def test_history_is_kept_in_the_home_across_two_shells(kernel_home, tmp_path):
     try:
         second.type(UP + "\r")                      # the last line of the first shell
         second.out.expect(r"policy")
+        second.type("sched\r")
+        second.out.expect(r"\* fair")
+        second.type("\x12sysi\r\r")               # Ctrl-R: search back for "sysi"
+        second.out.expect(r"policy")
     finally:
         second.close()
 
