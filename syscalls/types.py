@@ -291,3 +291,57 @@ class SyscallInfo(Record):
     args: dict = field(default_factory=dict)      # argument name -> its spec as data
     one_of: list = field(default_factory=list)
     at_most_one: list = field(default_factory=list)
+
+
+# ---- metrics (the reply of metrics: what `llmos serve`'s /metrics and `top` read) ----------
+
+@dataclass(frozen=True)
+class Histogram(Record):
+    """Observations (seconds) in buckets: counts[i] are those <= bounds[i] and above the
+    bound before (not cumulative); the last count is those above every bound (+Inf)."""
+    bounds: list = field(default_factory=list)
+    counts: list = field(default_factory=list)    # len(bounds) + 1
+    sum: float = 0.0
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class ModelMetrics(Record):
+    """One loaded model's counters since it loaded, and its state now."""
+    model: str = ""
+    requests: dict = field(default_factory=dict)  # finish reason (stop, length, abort, error) -> count
+    prompt_tokens: int = 0        # prompt tokens of finished requests (computed or cached)
+    computed_tokens: int = 0      # prompt tokens computed (not taken from the prefix cache)
+    generated_tokens: int = 0
+    running: int = 0              # requests in the engine's batch now
+    waiting: int = 0              # requests accepted, not in the batch (queued, preempted, stopped)
+    preemptions: int = 0
+    kv: KVInfo = field(default_factory=KVInfo)
+    swapped_blocks: int = 0       # KV blocks of this model's contexts/requests in host swap or on disk
+    ttft: Histogram = field(default_factory=Histogram)   # time to first token, from acceptance
+    tpot: Histogram = field(default_factory=Histogram)   # time per output token after the first
+    e2e: Histogram = field(default_factory=Histogram)    # acceptance to finish
+    _nested: ClassVar[dict] = {"kv": KVInfo, "ttft": Histogram, "tpot": Histogram,
+                               "e2e": Histogram}
+
+
+@dataclass(frozen=True)
+class ProcMetrics(Record):
+    """One process's LLM counters (ProcMetrics of pid 0, name "other": all not listed)."""
+    pid: int = 0
+    name: str = ""
+    requests: int = 0             # generate calls finished
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+@dataclass(frozen=True)
+class Metrics(Record):
+    """The reply of metrics. Bounded: at most METRICS_PROCS processes (the most tokens in
+    and out), the rest summed in `others`; models are the loaded ones."""
+    uptime: float = 0.0
+    models: list = field(default_factory=list)            # ModelMetrics
+    procs: list = field(default_factory=list)             # ProcMetrics
+    others: ProcMetrics = field(default_factory=ProcMetrics)
+    _nested: ClassVar[dict] = {"models": (list, ModelMetrics), "procs": (list, ProcMetrics),
+                               "others": ProcMetrics}
