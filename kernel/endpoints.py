@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import secrets
 
-from .peers import is_loopback
+from llmos.syscalls.net import is_loopback
 
 
 def hard_cap(max_message: int) -> int:

@@ -32,6 +32,7 @@ import psutil
 
 from llmos.syscalls.args import UNLIMITED
 from llmos.syscalls.errors import EACCES, EAGAIN, EINVAL, ENOMEM, EPERM, SyscallError
+from llmos.syscalls.net import is_loopback
 from llmos.syscalls.numbers import Sys, sys_name
 from llmos.syscalls.types import Hello, Limits, ProcInfo, ProcState, SchedInfo, WaitStatus
 
@@ -41,7 +42,7 @@ from .audit import AuditLog
 from .llmcalls import LLMCalls
 from .modelcalls import ModelCalls
 from .loop import EngineLoop
-from .peers import is_loopback, peer_address, peer_credentials
+from .peers import peer_address, peer_credentials
 from .policy import POLICIES
 from .proc import ProcTable, first_free_pid
 from .signals import NOSIG, parse_signal, signal_name

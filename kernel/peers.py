@@ -27,7 +27,6 @@ else a client could hold kernel fds without a word. I/O thread only.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import select
 import socket
@@ -164,18 +163,6 @@ def user_id(frame: zmq.Frame) -> str | None:
         return frame.get("User-Id") or None
     except zmq.ZMQError:                           # EINVAL: the connection has none
         return None
-
-
-def is_loopback(host: str | None) -> bool:
-    """host is "localhost" or a loopback IP address (127.0.0.0/8, ::1, ::ffff:127.x)."""
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host or "")
-    except ValueError:
-        return False                  # "*", an interface name, a host name: not provably local
-    mapped = getattr(ip, "ipv4_mapped", None)          # ::ffff:127.0.0.1 (IPv6 only)
-    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def peer_address(fd: int | None) -> str | None:

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from llmos.userland import commands, kernelctl, keys, listing, shell, top
+from llmos.userland import commands, gateway, kernelctl, keys, listing, shell, top
 from llmos.userland.kernelctl import DRIVER_HELP, absolute_model, await_kernel, kernel_argv, launch
 
 
@@ -204,6 +204,7 @@ main.add_command(kernelctl.down)
 main.add_command(keys.keys)
 main.add_command(top.top)
 main.add_command(shell.shell)
+main.add_command(gateway.serve)
 
 
 if __name__ == "__main__":

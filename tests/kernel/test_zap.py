@@ -14,7 +14,8 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-from llmos.kernel.peers import is_loopback, peer_address, peer_credentials
+from llmos.kernel.peers import peer_address, peer_credentials
+from llmos.syscalls.net import is_loopback
 from llmos.kernel.endpoints import check_listen
 from llmos.kernel.server import Server
 from llmos.syscalls import Connection, KernelDead, Sys, keys, wire

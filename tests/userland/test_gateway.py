@@ -1,0 +1,218 @@
+"""`llmos serve` as a real subprocess on a real kernel (tiny), driven by the official
+`openai` client and plain HTTP: answers equal the SDK's, errors come in OpenAI's shape
+with the right status, API keys are processes, a client gone mid-stream frees its KV."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from llmos.syscalls.types import ProcState
+from llmos.userland import connect
+from tests.kernels import ROOT
+from tests.userland.test_cli_kernel import T
+from tests.userland.test_commands import eventually
+
+CHAT = [{"role": "user", "content": "add 12 47"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """`llmos serve` on a free port for the kernel of home; stopped by close()."""
+
+    def __init__(self, home, *args):
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmos.userland.cli", "serve", "--home", str(home),
+             "--port", str(self.port), *args], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        eventually(lambda: self.proc.poll() is not None or self._up(), "the gateway answers")
+        assert self.proc.poll() is None, self.proc.stdout.read()
+
+    def _up(self) -> bool:
+        try:
+            return self.get("/health")[0] == 200
+        except OSError:
+            return False
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        """(status, decoded JSON or text) of one plain HTTP request."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=T)
+        try:
+            data = body if isinstance(body, (str, bytes)) or body is None else json.dumps(body)
+            c.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+            r = c.getresponse()
+            text = r.read().decode()
+        finally:
+            c.close()
+        try:
+            return r.status, json.loads(text)
+        except ValueError:
+            return r.status, text
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=T)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(T)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(T)
+
+
+@pytest.fixture(scope="module")
+def gateway(kernel_home):
+    g = Gateway(kernel_home)
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def owner(kernel_home):
+    with connect(kernel_home, timeout=T) as k:
+        yield k
+
+
+def api_pid(k, name="api") -> int:
+    return eventually(lambda: next((p.pid for p in k.ps() if p.name == name
+                                    and p.state is not ProcState.ZOMBIE), None),
+                      f"the gateway's process {name}")
+
+
+def test_chat_and_completions_equal_the_sdk_streamed_or_not(gateway, owner):
+    client = gateway.client()
+    sdk = owner.generate(messages=CHAT, max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
+                                          temperature=0)
+    assert chat.choices[0].message.content == sdk.text and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason == "stop" and chat.object == "chat.completion"
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (
+        sdk.usage.prompt_tokens, sdk.usage.completion_tokens)
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8,
+                                                 stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == sdk.text
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == sdk.usage.completion_tokens
+
+    text = owner.generate("12+47=", max_tokens=6, temperature=0, stop=["\n"])
+    done = client.completions.create(model="tiny", prompt="12+47=", max_tokens=6, stop="\n",
+                                     temperature=0)
+    assert done.choices[0].text == text.text and done.usage.total_tokens == (
+        text.usage.prompt_tokens + text.usage.completion_tokens)
+    ids = owner.tokenize("12+47=")
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, stop="\n")
+    assert by_ids.choices[0].text == text.text
+    streamed = client.completions.create(model="tiny", prompt="12+47=", max_tokens=6,
+                                         stop="\n", stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.text
+
+
+def test_models_health_and_unknown_routes(gateway):
+    status, models = gateway.get("/v1/models")
+    assert status == 200 and models["object"] == "list"
+    assert {"id": "tiny", "state": "ready"}.items() <= models["data"][0].items()
+    assert [m.id for m in gateway.client().models.list()] == [m["id"] for m in models["data"]]
+    assert gateway.get("/health") == (200, {"status": "ok"})
+    status, body = gateway.get("/v1/nothing")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_bad_arguments_are_400_with_the_kernels_message_and_unknown_models_404(gateway):
+    client = gateway.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=100000)
+    assert "exceeds the model's context length 512" in e.value.message
+    assert e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=CHAT, temperature=-1)
+    assert "temperature" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=CHAT, n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nosuch", messages=CHAT)
+    assert e.value.body["code"] == "model_not_found" and "tiny" in e.value.message
+    status, body = gateway.request("POST", "/v1/chat/completions", "{not json")
+    assert status == 400 and "JSON" in body["error"]["message"]
+    status, body = gateway.request("POST", "/v1/completions", {"model": "tiny", "prompt": [[1], [2]]})
+    assert status == 400 and body["error"]["param"] == "prompt"
+
+
+def test_a_limit_hit_is_429(gateway, owner):
+    client = gateway.client()
+    client.completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+    pid = api_pid(owner)
+    owner.setrlimit(pid, calls=0)
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+        assert e.value.body["code"] == "EAGAIN" and "calls" in e.value.message
+    finally:
+        owner.setrlimit(pid, calls=512)
+
+
+def test_a_client_gone_mid_stream_frees_its_request_and_kv(gateway, owner):
+    client = gateway.client()
+    client.completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+    pid = api_pid(owner)
+    owner.setrlimit(pid, tokens_per_s=20)                  # slow enough to leave midway
+    try:
+        stream = client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=400, stream=True,
+            extra_body={"ignore_eos": True})
+        got = [next(stream), next(stream), next(stream)]
+        assert got[-1].choices[0].delta.content is not None
+        assert next(p.calls for p in owner.ps() if p.pid == pid) == 1
+        assert owner.meminfo().procs[pid].resident > 0
+        stream.close()                                      # the client goes away
+        eventually(lambda: next(p.calls for p in owner.ps() if p.pid == pid) == 0,
+                   "the request left the kernel")
+        eventually(lambda: owner.meminfo().procs.get(pid) is None or
+                   owner.meminfo().procs[pid].resident == 0, "its KV freed")
+        assert next(p.tokens_out for p in owner.ps() if p.pid == pid) < 300
+    finally:
+        owner.setrlimit(pid, tokens_per_s="unlimited")
+
+
+def test_each_api_key_is_a_process_and_a_bad_key_is_401(kernel_home, owner, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# name key\nbob s3cret-bob\n")
+    g = Gateway(kernel_home, "--api-key", "s3cret-one", "--api-keys", str(keys))
+    try:
+        for key in ("s3cret-one", "s3cret-bob"):
+            g.client(key).completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+        names = {p.name for p in owner.ps()}
+        assert {"api:key1", "api:bob"} <= names
+        with pytest.raises(openai.AuthenticationError) as e:
+            g.client("wrong").completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+        assert e.value.body["code"] == "invalid_api_key"
+        assert g.request("GET", "/v1/models")[0] == 200      # listing needs no key
+    finally:
+        g.close()
+
+
+def test_serve_refuses_a_public_address_without_keys(kernel_home):
+    run = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "serve", "--home",
+                          str(kernel_home), "--host", "0.0.0.0", "--port", str(free_port())],
+                         cwd=ROOT, capture_output=True, text=True, timeout=T)
+    assert run.returncode != 0 and "not loopback" in run.stderr
