@@ -41,6 +41,7 @@ class Account:
     running_s: float = 0.0       # time it had tokens in the batch
     preemptions: int = 0
     swaps: int = 0               # blocks moved out of the device pool (swap or disk)
+    requests: int = 0            # requests that finished, however (kernel/metrics.py)
     program_service: float = 0.0  # (root accounts) the whole tree's tokens, each weighted
                                   # by its process's nice as fair does: LAS ranks by it
     vtc: float = 0.0             # the fair policy's weighted virtual token counter

@@ -11,34 +11,37 @@ One step (`step`):
   3. one forward pass for the whole batch (block copies and swaps were done as the
      scheduler decided them);
   4. newly full blocks enter the prefix cache;
-  5. requests whose pending tokens all ran sample a token each;
-  6. finished requests release their sequence; every request with news gets a
-     RequestOutput (new token ids and text; the last one carries the Completion).
+  5. requests whose pending tokens all ran sample a token each (a first one is timed:
+     kernel/metrics.py);
+  6. finished requests release their sequence (their end is counted and timed); every
+     request with news gets a RequestOutput (new token ids and text; the last one
+     carries the Completion).
 
 Failure containment: what belongs to one request (its sampling, stop strings and
 detokenization) fails that request alone, with reason "abort" and error_code EIO, logged
 once, and the step goes on; what belongs to the batch (the scheduler, the forward pass)
 raises out of step(), and the kernel treats that as fatal.
 
-Prompts may come as text, chat messages or token ids. `encode` (thread-safe: it reads
-only the tokenizer) turns text and messages into ids, so a caller may tokenize elsewhere
-and hand `add_request` the ids.
+Prompts may come as text, chat messages or token ids. `encode` (kernel/prompts.py;
+thread-safe: it reads only the tokenizer) turns text and messages into ids, so a caller
+may tokenize elsewhere and hand `add_request` the ids.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 from typing import Callable, Iterable
 
 from llmos.syscalls.types import Completion
 
 from . import tunables
-from .account import KV_LIMIT, Account
+from .account import Account
 from .blocks import BlockManager
 from .contexts import ContextCalls
-from .errors import ContextBusy, EngineError, KVOutOfMemory
+from .errors import ContextBusy, EngineError
+from .metrics import Meter
 from .policy import make_policy
+from .prompts import Prompts, continued  # noqa: F401 (continued: re-exported)
 from .request import KVContext, Request, RequestOutput, Sequence
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
@@ -50,16 +53,7 @@ from .vm import DiskTier, Pager
 log = logging.getLogger("llmos.engine")
 
 
-
-def continued(tail: list[int], closing: list[int], turn: list[int]) -> list[int]:
-    """A chat turn after tokens ending in tail: the template's closing of the message
-    before it, less the part tail has already (a reply that stopped at `<|im_end|>` lacks
-    only the newline; a system prompt rendered alone has all of it), then the turn."""
-    have = next((k for k in range(min(len(closing), len(tail)), 0, -1)
-                 if tail[-k:] == closing[:k]), 0)
-    return closing[have:] + turn
-
-class Engine(ContextCalls):
+class Engine(ContextCalls, Prompts):
     def __init__(self, model, tokenizer: Tokenizer, driver, *, num_blocks: int,
                  block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, num_swap_blocks: int = 0,
@@ -99,6 +93,7 @@ class Engine(ContextCalls):
         self._context_ids = itertools.count(1)
         self.last_batch: list[Request] = []   # the requests the latest step computed
         self.stats = {"steps": 0, "computed_tokens": 0, "generated_tokens": 0}
+        self.meter = Meter()                  # requests' ends and latencies (kernel/metrics.py)
 
     @classmethod
     def from_pretrained(cls, path_or_name: str, **options) -> "Engine":
@@ -117,7 +112,7 @@ class Engine(ContextCalls):
                     salt: bytes | None = None, stream: bool = False, chat: bool = False,
                     request_id: int | None = None, owner: object = None,
                     account: Account | None = None, turn: tuple | None = None,
-                    **sampling) -> Request:
+                    tools: list | None = None, **sampling) -> Request:
         """Queue a request; return it (its `.id`, or request_id if given, names it for
         `abort`; `owner` is an opaque tag for the caller).
 
@@ -125,7 +120,8 @@ class Engine(ContextCalls):
         the context's tokens. Token ids with chat=True came from the chat template (see
         encode); on a context that has tokens, chat messages go in as the template renders
         them in a conversation (`turn`: Tokenizer.encode_chat_turn of them, computed here
-        for `messages`), else without the template's leading BOS. RequestOutputs
+        for `messages`), else without the template's leading BOS; `tools` (OpenAI's) go
+        to the template with `messages` (kernel/prompts.py). RequestOutputs
         (returned by step, and given to on_event) carry token ids; with stream=True also
         their text, else the text comes whole in the Completion. Raises EngineError
         (EINVAL) for bad input, NoSuchContext, ContextBusy, or KVOutOfMemory when it
@@ -136,10 +132,10 @@ class Engine(ContextCalls):
         params = (params or SamplingParams.from_options(sampling)).check(self.config.vocab_size)
         ctx = self._context(context) if context is not None else None
         tail = ctx.seq.tokens if ctx else []
-        if messages is not None or isinstance(prompt, str):
-            prompt, chat = self.encode(prompt, messages), messages is not None
+        if messages is not None or isinstance(prompt, str) or tools is not None:
+            prompt, chat = self.encode(prompt, messages, tools=tools), messages is not None
             if messages is not None and tail:
-                turn = self.tokenizer.encode_chat_turn(messages)
+                turn = self.tokenizer.encode_chat_turn(messages, tools=tools)
         tokens = self._token_ids(prompt, chat, tail, turn)
         if ctx is not None and ctx.busy is not None:
             raise ContextBusy(f"context {context} is running request {ctx.busy.id}")
@@ -162,55 +158,6 @@ class Engine(ContextCalls):
         self.requests[req.id] = req
         self.scheduler.add(req)
         return req
-
-    def encode(self, prompt: str | list[int] | None = None, messages: list | None = None,
-               reply: bool = True) -> list[int]:
-        """Token ids of exactly one of prompt (text or ids) and chat messages. `reply`:
-        messages end with the template's prompt for the assistant's turn. Thread-safe.
-        Raises EngineError naming what is wrong."""
-        if (prompt is None) == (messages is None):
-            raise EngineError("prompt: give exactly one of prompt text, token ids or messages")
-        if messages is not None:
-            try:
-                return self.tokenizer.encode_chat(messages, add_generation_prompt=reply)
-            except ValueError as e:     # no template, malformed messages, raise_exception()
-                raise EngineError(f"messages: {e}") from None
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return self._token_ids(prompt, chat=False, tail=[])
-
-    def _token_ids(self, prompt, chat: bool, tail: list[int], turn: tuple | None = None
-                   ) -> list[int]:
-        """Checked token ids. Chat ids continuing a conversation (whose tokens so far end
-        in tail) are its `turn` when the template gives one (continued), else they lose
-        the template's BOS (it begins the context)."""
-        if not isinstance(prompt, (list, tuple)):
-            raise EngineError(f"prompt: text or a list of token ids, got {type(prompt).__name__}")
-        tokens = list(prompt)
-        vocab = self.config.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                   for t in tokens):
-            raise EngineError(f"prompt: token ids must be integers in [0, {vocab})")
-        if not (chat and tail):
-            return tokens
-        if turn is not None:
-            return continued(tail, *turn)
-        bos = self.tokenizer.token_to_id(self.tokenizer.bos_token or "")
-        return tokens[1:] if tokens[:1] == [bos] else tokens
-
-    def _check_fits(self, prompt_len: int, max_tokens: int, account: Account | None = None) -> None:
-        total = prompt_len + max_tokens
-        if total > self.max_model_len:
-            raise EngineError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
-                              f"the model's context length {self.max_model_len}")
-        need = math.ceil(total / self.block_size)
-        if need > self.num_blocks:
-            raise KVOutOfMemory(f"request needs {need} KV blocks but the pool holds "
-                                f"{self.num_blocks}")
-        limit = account.limits.kv_blocks if account is not None else None
-        if limit is not None and need > limit:
-            raise KVOutOfMemory(f"{KV_LIMIT} ({limit}) exceeded: prompt ({prompt_len} "
-                                f"tokens) + max_tokens ({max_tokens}) need {need} KV blocks")
 
     def abort(self, request_id: int) -> bool:
         """Finish a queued or running request with reason "abort"; False if it is not live."""
@@ -278,9 +225,12 @@ class Engine(ContextCalls):
             self.stats["steps"] += 1
             self.stats["computed_tokens"] += batch.num_tokens
             self._sample(sampling, logits)
+            now = self.scheduler.clock()
             for (req, n), had in zip(batch.items, before):
                 decode = n == 1 and had > 0         # the token it computed it had generated
                 self.scheduler.charge(req, 0 if decode else n, len(req.output_ids) - had)
+                if not had and req.output_ids:
+                    self.meter.first_token(req, now)
         deltas = []
         for req in touched:
             if req.finished:
@@ -321,6 +271,8 @@ class Engine(ContextCalls):
         self.driver.copy_blocks(self.kv_caches, [s for s, _ in pairs], [d for _, d in pairs])
 
     def _release(self, req: Request) -> None:
+        """req finished: it leaves the scheduler and gives back its KV (once per request)."""
+        self.meter.finished(req, self.scheduler.clock())
         self.scheduler.remove(req)
         paged, req.swapped = req.swapped, None
         self.requests.pop(req.id, None)

@@ -15,6 +15,8 @@ Threads: called on the I/O thread; tokenizer workers run _encode's work, then qu
 """
 from __future__ import annotations
 
+import json
+
 from llmos.syscalls.errors import E2BIG, EINVAL, ESRCH, SyscallError
 from llmos.syscalls.numbers import sys_name
 from llmos.syscalls.types import Completion
@@ -39,7 +41,9 @@ class LLMCalls:
     def generate(self, call, caller: int, a: dict) -> None:
         """Accept a generate: record it as caller's, tokenize, queue it for the engine.
         On a context, the model is the context's. Raises ENOENT (model), ESRCH (caller,
-        context), EINVAL (a model that is not the context's), EAGAIN (caller's calls limit)."""
+        context), EINVAL (a model that is not the context's; tools without messages),
+        EAGAIN (caller's calls limit)."""
+        tools = _tools(a["tools"], a["messages"], "messages")
         spec = self.model(a["model"], call.conn.owner)
         sampling = {k: a[k] for k in SAMPLING if a[k] is not None}
         key, rid, ctx = (call.conn.peer, call.id), next(self._ids), a["context"]
@@ -54,7 +58,8 @@ class LLMCalls:
 
         def queue(mdir, tokens: list) -> None:
             chat = a["messages"] is not None
-            turn = mdir.tokenizer.encode_chat_turn(a["messages"]) if chat and ctx else None
+            turn = mdir.tokenizer.encode_chat_turn(a["messages"], tools=tools) \
+                if chat and ctx else None
             with self.procs.lock:
                 if proc.requests.get(key) != rid:         # cancelled, killed or dead meanwhile
                     call.reply(Completion(finish_reason="abort"))
@@ -69,7 +74,8 @@ class LLMCalls:
                     del proc.requests[key]
             call.error(err.code, err.msg)
 
-        self._encode(spec, a["prompt"], a["messages"], a["token_ids"], True, then=queue, fail=undo)
+        self._encode(spec, a["prompt"], a["messages"], a["token_ids"], True, then=queue,
+                     fail=undo, tools=tools)
 
     @staticmethod
     def _context_model(proc, ctx: int, named: str | None, spec):
@@ -112,19 +118,20 @@ class LLMCalls:
             return b"share:%d:" % proc.owner + share.encode()
         return b"tree:%d" % self.tree_root(proc.pid)
 
-    def _encode(self, spec, prompt, messages, token_ids, reply: bool, then, fail) -> None:
-        """then(mdir, token ids) of exactly one of prompt, chat messages or token_ids under
-        spec's tokenizer, or fail(SyscallError). Short texts of a model whose directory was
-        opened before are encoded here; the rest (opening it, long texts) on a tokenizer
-        worker, never the I/O thread."""
+    def _encode(self, spec, prompt, messages, token_ids, reply: bool, then, fail,
+                tools: list | None = None) -> None:
+        """then(mdir, token ids) of exactly one of prompt, chat messages (rendered with
+        `tools`) or token_ids under spec's tokenizer, or fail(SyscallError). Short texts of
+        a model whose directory was opened before are encoded here; the rest (opening it,
+        long texts) on a tokenizer worker, never the I/O thread."""
         size = len(prompt) if prompt is not None else \
-            sum(len(m["content"]) for m in messages) if messages is not None else 0
+            _chat_size(messages, tools) if messages is not None else 0
 
         def work():
             try:
                 mdir = self.registry.open(spec)
                 tokens = token_ids if token_ids is not None else \
-                    _encode(mdir, size, prompt, messages, reply)
+                    _encode(mdir, size, prompt, messages, reply, tools)
             except SyscallError as e:
                 return fail(e)
             then(mdir, tokens)
@@ -153,7 +160,11 @@ class LLMCalls:
 
     # ---- contexts -------------------------------------------------------------------
     def context_create(self, call, caller: int, model: str | None = None, system=None,
-                       messages=None, share: str | None = None) -> None:
+                       messages=None, share: str | None = None, tools=None) -> None:
+        """Accept a new context of caller's, started with system or messages (rendered
+        with tools), and queue it. Raises ENOENT (model), ESRCH, ENOMEM (caller's contexts
+        limit), EINVAL (tools without system or messages)."""
+        tools = _tools(tools, messages or system, "system or messages")
         spec = self.model(model, call.conn.owner)
         if system is not None:
             messages = [{"role": "system", "content": system}]
@@ -178,7 +189,7 @@ class LLMCalls:
             call.error(err.code, err.msg)
 
         self._encode(spec, None, messages, [] if messages is None else None, False,
-                     then=queue, fail=undo)
+                     then=queue, fail=undo, tools=tools)
 
     def context_fork(self, call, caller: int, source: int) -> None:
         cid = next(self._ids)
@@ -211,15 +222,32 @@ class LLMCalls:
         return proc
 
 
-def _encode(mdir, size: int, prompt, messages, reply: bool) -> list[int]:
-    """Token ids of a text or chat messages under mdir's tokenizer. Raises E2BIG (far
-    longer than the model's context), EINVAL (messages the chat template refuses)."""
+def _tools(tools, source, what: str):
+    """tools (OpenAI's), which the chat template lists: only with chat messages to render
+    them in (source, named `what`). Raises EINVAL."""
+    if tools is not None and source is None:
+        raise SyscallError(EINVAL, f"tools: given only with {what} (the chat template "
+                                   f"lists them), not with a prompt or token ids")
+    return tools
+
+
+def _chat_size(messages: list, tools) -> int:
+    """Characters of chat messages and their tools: what rendering them costs."""
+    return sum(len(m.get("content") or "") + sum(len(c["function"]["arguments"])
+                                                 for c in m.get("tool_calls", ()))
+               for m in messages) + (len(json.dumps(tools)) if tools else 0)
+
+
+def _encode(mdir, size: int, prompt, messages, reply: bool, tools=None) -> list[int]:
+    """Token ids of a text or chat messages (with tools) under mdir's tokenizer. Raises
+    E2BIG (far longer than the model's context), EINVAL (messages the chat template
+    refuses)."""
     if _too_long(mdir, size):
         raise _too_long(mdir, size)
     if messages is None:
         return mdir.tokenizer.encode(prompt)
     try:
-        return mdir.tokenizer.encode_chat(messages, add_generation_prompt=reply)
+        return mdir.tokenizer.encode_chat(messages, add_generation_prompt=reply, tools=tools)
     except ValueError as e:     # no template, malformed messages, raise_exception()
         raise SyscallError(EINVAL, f"messages: {e}") from None
 

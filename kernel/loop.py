@@ -14,7 +14,7 @@ One turn of the loop:
      ARRIVAL_WINDOW, so that requests sent together share a step;
   2. if a model has work, run one step of the one that has had the least engine time;
      its outputs answer their calls; unload models whose keep-alive ran out;
-  3. publish a Snapshot (what ps, meminfo and sysinfo read) at most every
+  3. publish a Snapshot (what ps, meminfo, sysinfo and metrics read) at most every
      SNAPSHOT_PERIOD while busy, and whenever the engine falls idle;
   4. a step that raises is fatal: the loop stops, every queued and later command fails
      (its call gets ECANCELED, a dead process is released anyway), and `on_crash(exc)`
@@ -40,6 +40,7 @@ from llmos.syscalls.types import KVInfo
 from . import inbox as cmd
 from . import tunables
 from .apply import Commands
+from .metrics import model_metrics
 from .modeltable import READY
 
 log = logging.getLogger("llmos.loop")
@@ -59,6 +60,7 @@ class Snapshot:
     model_kv: dict = field(default_factory=dict)    # name -> its KVInfo
     loading: tuple = ()                             # the Slots being loaded (progress: live)
     memory: tuple = (0, 0)                          # the model table's (budget, used) bytes
+    metrics: tuple = ()                             # a ModelMetrics per READY model
 
 
 class EngineLoop(Commands):
@@ -161,7 +163,9 @@ class EngineLoop(Commands):
                                  sum(d["disk_used"] for d in disk),
                                  tuple(m.info(s) for s in m.ready()), kvs,
                                  tuple(s for s in m.slots.values() if s.state != READY),
-                                 (m.budget, m.used()))
+                                 (m.budget, m.used()),
+                                 tuple(model_metrics(s.name, s.engine, kvs[s.name])
+                                       for s in m.ready()))
         self._published = now
 
     # ---- after a stop or crash ----------------------------------------------------------

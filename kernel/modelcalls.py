@@ -32,14 +32,16 @@ class ModelCalls:
                 dtype=str(slot.plan.dtype).removeprefix("torch."),
                 weight_bytes=slot.plan.weight_bytes, kv_bytes=slot.plan.kv_bytes,
                 kv_blocks=slot.plan.num_blocks, quantize=slot.plan.quantize or "",
-                progress=round(slot.progress, 3)))
+                progress=round(slot.progress, 3),
+                tool_format=slot.plan.mdir.tokenizer.tool_format))
         for spec in self.registry.registered():
             rows.setdefault(spec.name, self._registered(spec))
         return [m if m.name != self.default_model else dataclasses.replace(m, default=True)
                 for m in rows.values()]
 
     def _registered(self, spec) -> ModelInfo:
-        """A registered model that is not loaded: what its opened config says, if opened."""
+        """A registered model that is not loaded: what its opened config and tokenizer say,
+        if its directory was opened (by a call that named it, or `models add`)."""
         mdir = self.registry.opened(spec)
         c = mdir.config if mdir is not None else None
         return ModelInfo(name=spec.name, path=spec.path, state="registered",
@@ -47,7 +49,8 @@ class ModelCalls:
                          keep_alive=spec.keep_alive,
                          **({} if c is None else dict(model_type=c.model_type,
                                                       layers=c.num_hidden_layers,
-                                                      hidden=c.hidden_size, vocab=c.vocab_size)))
+                                                      hidden=c.hidden_size, vocab=c.vocab_size,
+                                                      tool_format=mdir.tokenizer.tool_format)))
 
     def model_load(self, call, owner: bool, name: str, keep_alive: float | None) -> None:
         """Queue the load of model name (the call is answered when it is in). Raises EPERM,

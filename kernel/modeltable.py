@@ -281,6 +281,7 @@ class ModelTable:
         """slot as `models` lists it (a READY one's figures; a LOADING one's plan)."""
         e, p, spec = slot.engine, slot.plan, slot.spec
         c = e.config if e is not None else p.mdir.config
+        tokenizer = e.tokenizer if e is not None else p.mdir.tokenizer
         dtype = e.model.dtype if e is not None else p.dtype
         last = time.time() - (self.clock() - slot.last_used)
         return ModelInfo(
@@ -297,7 +298,8 @@ class ModelTable:
             contexts=len(e.contexts) if e is not None else 0,
             last_used=round(last, 3),
             keep_alive=None if slot.keep_alive == FOREVER else slot.keep_alive,
-            progress=slot.progress, load_seconds=round(slot.load_seconds, 3))
+            progress=slot.progress, load_seconds=round(slot.load_seconds, 3),
+            tool_format=tokenizer.tool_format)
 
     def with_request(self, rid: int) -> Slot | None:
         return next((s for s in self.ready() if rid in s.engine.requests), None)

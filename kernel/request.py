@@ -89,6 +89,7 @@ class Request:
         self.swapped = None           # its KV while preempted or paged out: a host
                                       # BlockTable or a DiskImage (kernel/vm.py)
         self.arrived = 0.0            # time.monotonic() when queued (the policies' clock)
+        self.first_token_at: float | None = None   # ...and when its first token came
         self.refusal: str | None = None   # why the scheduler refused it, if it did
         self.finish_reason: str | None = None
         self.stop_hit = False         # ended by a stop string: the text is already cut

@@ -245,8 +245,8 @@ def install(table: SyscallTable, kernel) -> None:
     of number -> function (PING and SYSCALLS are the table's own)."""
     from functools import partial
 
-    from .sysinfo import (sys_meminfo, sys_model_add, sys_model_load, sys_model_rm,
-                          sys_model_unload, sys_models, sys_sysinfo)
+    from .sysinfo import (sys_meminfo, sys_metrics, sys_model_add, sys_model_load,
+                          sys_model_rm, sys_model_unload, sys_models, sys_sysinfo)
     from .sysllm import (sys_cancel, sys_context_create, sys_context_fork, sys_context_free,
                          sys_context_info, sys_detokenize, sys_generate, sys_tokenize)
     from .sysproc import (sys_exit, sys_getpid, sys_getrlimit, sys_hello, sys_kill, sys_nice,
@@ -261,7 +261,7 @@ def install(table: SyscallTable, kernel) -> None:
         Sys.DETOKENIZE: sys_detokenize, Sys.MEMINFO: sys_meminfo, Sys.MODELS: sys_models,
         Sys.SCHED: sys_sched, Sys.SETRLIMIT: sys_setrlimit, Sys.GETRLIMIT: sys_getrlimit,
         Sys.MODEL_LOAD: sys_model_load, Sys.MODEL_UNLOAD: sys_model_unload,
-        Sys.MODEL_ADD: sys_model_add, Sys.MODEL_RM: sys_model_rm,
+        Sys.MODEL_ADD: sys_model_add, Sys.MODEL_RM: sys_model_rm, Sys.METRICS: sys_metrics,
     }
     for nr, fn in functions.items():
         table.register(nr, partial(fn, kernel))

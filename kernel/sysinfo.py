@@ -1,13 +1,15 @@
-"""Information and model syscalls: sysinfo, meminfo, models read what the engine last
-published (kernel/loop.py Snapshot) and never wait on the engine; model_load, _unload,
+"""Information and model syscalls: sysinfo, meminfo, metrics, models read what the engine
+last published (kernel/loop.py Snapshot) and never wait on the engine; model_load, _unload,
 _add and _rm are answered by the engine thread or a worker (kernel/modelcalls.py)."""
 from __future__ import annotations
 
 import time
 from importlib import metadata
 
-from llmos.syscalls.types import KVInfo, MemInfo, ModelMem, ProcMem, SysInfo
+from llmos.syscalls.types import KVInfo, MemInfo, Metrics, ModelMem, ProcMem, SysInfo
 
+from . import tunables
+from .metrics import proc_metrics
 from .syscall import PENDING
 
 
@@ -47,6 +49,16 @@ def sys_meminfo(k, call, a):
                                m.kv_bytes, m.swap_bytes) for m in snap.models}
     return MemInfo(kv=snap.kv, procs=procs, disk_total=snap.disk_total, disk_used=snap.disk_used,
                    models=models, memory_budget=snap.memory[0], memory_used=snap.memory[1])
+
+
+def sys_metrics(k, call, a):
+    """Every loaded model's metrics as last published (a model unloaded drops out; one
+    loaded again counts from zero), and the LLM counters of the processes the caller may
+    see in ps: the METRICS_PROCS busiest by name, the rest summed."""
+    procs, others = proc_metrics(k.visible(call.conn.pid, call.conn.owner),
+                                 tunables.METRICS_PROCS)
+    return Metrics(uptime=round(time.time() - k.started, 3),
+                   models=list(k.loop.snapshot.metrics), procs=procs, others=others)
 
 
 def sys_models(k, call, a):

@@ -19,7 +19,8 @@ def sys_cancel(k, call, a):
 
 
 def sys_context_create(k, call, a):
-    k.context_create(call, call.conn.pid, a["model"], a["system"], a["messages"], a["share"])
+    k.context_create(call, call.conn.pid, a["model"], a["system"], a["messages"], a["share"],
+                     a["tools"])
     return PENDING
 
 

@@ -75,6 +75,13 @@ class Tokenizer:
         """Number of ids the tokenizer can produce, added tokens included (len() in transformers)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def tool_format(self) -> str:
+        """How the chat template writes the assistant's tool calls: "hermes" when it has
+        `<tool_call>` (Hermes, Qwen: `<tool_call>{"name": ..., "arguments": ...}</tool_call>`),
+        else "" (none that the kernel knows)."""
+        return "hermes" if self.chat_template and "<tool_call>" in self.chat_template else ""
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -119,21 +126,23 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
                            add_special_tokens=False)
 
-    def encode_chat_turn(self, messages: list[dict], add_generation_prompt: bool = True
-                         ) -> tuple[list[int], list[int]] | None:
+    def encode_chat_turn(self, messages: list[dict], add_generation_prompt: bool = True,
+                         tools: list | None = None) -> tuple[list[int], list[int]] | None:
         """Messages that continue a conversation, as the template renders them there:
         (closing, turn) ids, where closing is what the template puts after a message's
         content (`<|im_end|>\n`) and turn the messages themselves, without what the
-        template puts only at the start (BOS, a default system prompt). None if the
-        template does not render a conversation as a prefix of its continuation.
+        template puts only at the start (BOS, a default system prompt, and the `tools`
+        where a template lists them in its first system block). None if the template does
+        not render a conversation as a prefix of its continuation.
 
-        Found by rendering a probe exchange alone and followed by the messages: the turn
-        is what the second adds to the first."""
+        Found by rendering a probe exchange alone and followed by the messages, both with
+        `tools`: the turn is what the second adds to the first."""
         probe = [{"role": "user", "content": _PROBE_USER},
                  {"role": "assistant", "content": _PROBE_REPLY}]
         try:
-            alone = self.apply_chat_template(probe, add_generation_prompt=False)
-            both = self.apply_chat_template(probe + list(messages), add_generation_prompt)
+            alone = self.apply_chat_template(probe, add_generation_prompt=False, tools=tools)
+            both = self.apply_chat_template(probe + list(messages), add_generation_prompt,
+                                            tools=tools)
         except ChatTemplateError:
             return None
         end = alone.find(_PROBE_REPLY) + len(_PROBE_REPLY)
@@ -221,7 +230,8 @@ class _GenerationTag(jinja2.ext.Extension):
 
 
 def _normalize_messages(messages: list[dict]) -> list[dict]:
-    # As transformers: drop None-valued keys, and copy reasoning under the names templates read.
+    # Drop None-valued keys, copy reasoning under the names templates read (as
+    # transformers), and give tool calls' arguments as maps (as vLLM does).
     out = []
     for m in messages:
         if not isinstance(m, dict):
@@ -230,8 +240,26 @@ def _normalize_messages(messages: list[dict]) -> list[dict]:
         reasoning = next((m[k] for k in _REASONING_FIELDS if k in m), None)
         if reasoning is not None:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [_call_with_map(c) for c in m["tool_calls"]]
         out.append(m)
     return out
+
+
+def _call_with_map(call):
+    """A tool call whose function's arguments are JSON text (OpenAI's form) with them as a
+    map, which is what templates expect (transformers' docs): Qwen2.5's renders them with
+    `tojson`, and text would come out quoted. Text that is not a JSON object becomes {}
+    (as vLLM: the call stays in the conversation; failing it would fail every later turn)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"])
+    except (ValueError, RecursionError):      # not JSON; nested past the parser's stack
+        arguments = None
+    return {**call, "function": {**fn, "arguments": arguments
+                                 if isinstance(arguments, dict) else {}}}
 
 
 def _chat_template(path: Path, tok_config: dict) -> str | None:

@@ -50,3 +50,16 @@ KV_DEFAULT_SHARE = 0.75          # default kv_blocks limit of a process: this sh
 DEFAULT_CALLS = 512              # default limits of a process (llmos up --limit overrides)
 DEFAULT_CONTEXTS = 256
 DEFAULT_CHILDREN = 64
+
+# ---- metrics (kernel/metrics.py, the metrics syscall) ----
+METRICS_PROCS = 32               # processes metrics names (the most tokens in and out); the
+                                 # rest are summed in one "other" row: a bounded reply, and a
+                                 # bounded number of series in a Prometheus scrape
+# Latency histogram bounds (seconds), vLLM's, so that dashboards made for vLLM read ours:
+# time to first token, time per output token after the first, and a request end to end.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)

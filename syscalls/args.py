@@ -1,8 +1,9 @@
 """Argument specs: a tiny declarative language for what a syscall accepts.
 
 A Spec maps argument names to types (Int, Float, Str, Bool, Bytes, List, Dict, Fields,
-Limit, Messages, Signal). `Spec.validate(args)` returns a new dict with every declared
-argument present (an absent optional one gets its default, or None) or raises SyscallError:
+Limit, Signal; chat messages and JSON data: syscalls/chat.py). `Spec.validate(args)`
+returns a new dict with every declared argument present (an absent optional one gets its
+default, or None) or raises SyscallError:
 unknown or missing argument, wrong type or out of range -> EINVAL, too long -> E2BIG;
 the message always names the argument ("argv[2]", "messages[0].role"). A value of None
 for an optional argument means absent. `describe()` gives the spec as plain data.
@@ -233,40 +234,6 @@ class Limit(Arg):
 
     def _limits(self):
         return {"of": self.of.describe(), "unlimited": UNLIMITED}
-
-
-class Messages(Arg):
-    """Chat messages: a non-empty list of {"role": one of ROLES, "content": str}, no other keys."""
-    kind = "messages"
-    ROLES = ("system", "user", "assistant", "tool")
-
-    def __init__(self, max_len=4096, content_len=4 << 20, **kw):
-        super().__init__(**kw)
-        self.max_len, self.content_len = max_len, content_len
-        self.role, self.content = Str(16, choices=self.ROLES), Str(content_len)
-
-    def check(self, name, value):
-        self._expect(name, value, (list, tuple), "list of messages")
-        if not value:
-            _bad(name, "needs at least one message")
-        if len(value) > self.max_len:
-            _bad(name, f"too many messages ({len(value)} > {self.max_len})", E2BIG)
-        return [self._message(f"{name}[{i}]", m) for i, m in enumerate(value)]
-
-    def _message(self, name, m):
-        if not isinstance(m, dict):
-            _bad(name, f"expected a map with role and content, got {_type_of(m)}")
-        for key in m:
-            if key not in ("role", "content"):
-                _bad(f"{name}.{key}", "unknown message field")
-        for key in ("role", "content"):
-            if key not in m:
-                _bad(f"{name}.{key}", "missing")
-        return {"role": self.role.check(f"{name}.role", m["role"]),
-                "content": self.content.check(f"{name}.content", m["content"])}
-
-    def _limits(self):
-        return {"max_len": self.max_len, "content_len": self.content_len, "roles": list(self.ROLES)}
 
 
 class Signal(Arg):

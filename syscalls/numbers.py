@@ -36,6 +36,7 @@ class Sys(IntEnum):
     MODEL_UNLOAD = 25
     MODEL_ADD = 26
     MODEL_RM = 27
+    METRICS = 28
 
 
 def sys_name(nr: int) -> str:

@@ -4,8 +4,8 @@ Limits live here, each with why; they bound what one message can make the kernel
 """
 from __future__ import annotations
 
-from .args import (UNLIMITED, Bool, Dict, Fields, Float, Int, Limit, List, Messages, Signal,
-                   Spec, Str)
+from .args import UNLIMITED, Bool, Dict, Fields, Float, Int, Limit, List, Signal, Spec, Str
+from .chat import Json, Messages
 from .errors import EINVAL, SyscallError
 from .numbers import Sys
 
@@ -17,6 +17,9 @@ INT64 = (-(1 << 63), (1 << 63) - 1)
 MODEL_NAME = 4096            # characters of model=: a registered name or a path (PATH_MAX)
 DTYPES = ("auto", "float32", "bfloat16", "float16")   # what a model may be loaded in
 QUANTIZE = ("int8",)         # weight-only quantization at load (drivers/quant.py's)
+# OpenAI's `tools` for the chat template: as many as OpenAI takes (128), each a JSON schema
+# nested as deep as real ones get, all together a bounded text to render and tokenize.
+TOOLS = Json(objects=128, max_depth=16, max_bytes=256 << 10)
 
 _pid = dict(min=0, max=(1 << 31) - 1)
 _handle = dict(min=0, max=INT64[1])   # context and call handles are kernel-issued ints
@@ -55,11 +58,11 @@ SPECS: dict[Sys, Spec] = {
         stop=List(Str(256, min_len=1), max_len=MAX_STOPS),
         stop_token_ids=List(Int(min=0, max=(1 << 31) - 1), max_len=MAX_STOPS),
         ignore_eos=Bool(), context=Int(**_handle), stream=Bool(default=False),
-        model=Str(MODEL_NAME), share=_share),
+        model=Str(MODEL_NAME), share=_share, tools=TOOLS),
     Sys.CANCEL: Spec(call=Int(**_handle, required=True)),
     Sys.CONTEXT_CREATE: Spec(at_most_one=[("system", "messages")], system=Str(MAX_TEXT),
                              messages=Messages(content_len=MAX_TEXT), model=Str(MODEL_NAME),
-                             share=_share),
+                             share=_share, tools=TOOLS),
     Sys.CONTEXT_FORK: Spec(context=Int(**_handle, required=True)),
     Sys.CONTEXT_FREE: Spec(context=Int(**_handle, required=True)),
     Sys.CONTEXT_INFO: Spec(context=Int(**_handle, required=True)),
@@ -79,6 +82,7 @@ SPECS: dict[Sys, Spec] = {
                         dtype=Str(16, choices=DTYPES), quantize=Str(16, choices=QUANTIZE),
                         keep_alive=Float(min=-1, max=1e9)),
     Sys.MODEL_RM: Spec(name=Str(64, min_len=1, required=True)),
+    Sys.METRICS: Spec(),
 }
 
 

@@ -258,6 +258,9 @@ class ModelInfo(Record):
     progress: float = 0.0         # share of the weights read (while loading)
     load_seconds: float = 0.0     # how long its load took
     default: bool = False         # the model a call that names none gets
+    tool_format: str = ""         # how its chat template writes tool calls: "hermes"
+                                  # (<tool_call>{json}</tool_call>), or "" (none known, or
+                                  # a registered model whose directory was not opened yet)
 
 
 @dataclass(frozen=True)

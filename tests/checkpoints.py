@@ -75,12 +75,13 @@ _KIND_CONFIG = {
 
 def make_checkpoint(kind: str, path: str | Path, *, dtype: str = "float32",
                     max_shard_size: str | int | None = None, seed: int = 0,
-                    chat_template: bool = True, **overrides) -> Path:
+                    chat_template: bool | str = True, **overrides) -> Path:
     """Write a random-weight checkpoint of `kind` into `path` (created); return the path.
 
     dtype: "float32" | "bfloat16" | "float16", the storage dtype.
     max_shard_size: e.g. "100KB" to get model-0000x-of-0000n.safetensors + index.json.
-    chat_template: False leaves the tokenizer without one.
+    chat_template: False leaves the tokenizer without one; a str is the template to write
+    (else CHAT_TEMPLATE).
     overrides: config keys (num_hidden_layers=3, rope_scaling=..., ...).
     """
     import torch
@@ -145,7 +146,7 @@ def _tokenizer_json():
     return Tokenizer.from_str(_tokenizer_json_str())
 
 
-def _save_tokenizer(kind: str, path: Path, chat_template: bool) -> None:
+def _save_tokenizer(kind: str, path: Path, chat_template: bool | str) -> None:
     from tokenizers import processors
 
     tok = _tokenizer_json()
@@ -162,10 +163,11 @@ def _save_tokenizer(kind: str, path: Path, chat_template: bool) -> None:
         config["tokenizer_class"] = "Qwen2Tokenizer"
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         config["bos_token"] = None
+    template = chat_template if isinstance(chat_template, str) else CHAT_TEMPLATE
     if chat_template and kind == "qwen3":
         # transformers v5 writes the template as its own file.
-        (path / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+        (path / "chat_template.jinja").write_text(template, encoding="utf-8")
     elif chat_template:
-        config["chat_template"] = CHAT_TEMPLATE
+        config["chat_template"] = template
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -13,6 +13,7 @@ A new syscall is fuzzed by iterating SPECS; a new argument type fails here loudl
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import msgpack
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 
 from llmos.syscalls import wire
 from llmos.syscalls.args import (UNLIMITED, Bool, Bytes, Dict, Fields, Float, Int, Limit, List,
-                                 Messages, Signal, Spec, Str)
+                                 Signal, Spec, Str)
+from llmos.syscalls.chat import Json, Messages, ToolCall
 from llmos.syscalls.errors import E2BIG, EINVAL
 
 # Reproducible in CI: a fixed sequence of examples, no example database, no deadline (a
@@ -49,6 +51,22 @@ junk = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4)
                     max_leaves=6)
 """Any value msgpack carries (ext types aside): what a peer may put anywhere."""
 
+json_data = st.recursive(
+    st.none() | st.booleans() | st.integers(*MSGPACK_INT) | WEIRD_TEXT
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(TEXT, kids, max_size=3),
+    max_leaves=8)
+"""Plain JSON data (what syscalls/chat.py Json takes, depth and size aside)."""
+
+
+def json_depth(v) -> int:
+    """Maps and lists v is made of, nested: 0 for a scalar."""
+    if isinstance(v, dict):
+        return 1 + max(map(json_depth, v.values()), default=0)
+    if isinstance(v, (list, tuple)):
+        return 1 + max(map(json_depth, v), default=0)
+    return 0
+
 
 def _accepts_type(arg, v) -> bool:
     """Whether v is of a type `arg` takes at all (so another type must give EINVAL)."""
@@ -58,8 +76,11 @@ def _accepts_type(arg, v) -> bool:
         return not isinstance(v, bool)
     if isinstance(arg, Limit):
         return v == UNLIMITED or _accepts_type(arg.of, v)
+    if isinstance(arg, Json) and arg.objects is None:
+        return not isinstance(v, (bytes, float)) or math.isfinite(v)
     types = {Int: (), Str: (str,), Bool: (bool,), Bytes: (bytes,), List: (list, tuple),
-             Dict: (dict,), Fields: (dict,), Messages: (list, tuple), Signal: (str,)}
+             Dict: (dict,), Fields: (dict,), Messages: (list, tuple), Signal: (str,),
+             Json: (list, tuple)}
     return isinstance(v, types[type(arg)])
 
 
@@ -131,9 +152,18 @@ def valid(arg) -> st.SearchStrategy:
         return valid(arg.of) | st.just(UNLIMITED)
     if isinstance(arg, Messages):
         msg = st.fixed_dictionaries({"role": valid(arg.role), "content": valid(arg.content)})
+        msg |= _tool_messages(arg)
         one = {"role": arg.ROLES[0], "content": ""}
         return rarely(st.lists(msg, min_size=1, max_size=min(arg.max_len, 4)),
                       st.just([one] * arg.max_len))
+    if isinstance(arg, Json):
+        data = json_data.filter(lambda v: json_depth(v) < arg.max_depth)
+        if arg.objects is None:
+            return data
+        maps = st.dictionaries(TEXT, data, max_size=3)
+        full = [{"d": "x" * (arg.max_bytes - len('[{"d":""}]'))}]     # max_bytes exactly
+        return rarely(st.lists(maps, max_size=min(arg.objects, 4)),
+                      st.sampled_from([[{}] * arg.objects, full]))
     if isinstance(arg, Signal):
         names = st.sampled_from(arg.names)
         return (names | names.map(lambda n: "SIG" + n) | names.map(str.lower)
@@ -195,6 +225,8 @@ def invalid(arg) -> st.SearchStrategy:
         one = {"role": "user", "content": "hi"}
         options += [_bad(st.just([])), _bad(st.just([one] * (arg.max_len + 1)), E2BIG),
                     _bad_message(arg)]
+    elif isinstance(arg, Json):
+        options += [_bad_json(arg)]
     elif isinstance(arg, Signal):
         other_name = WEIRD_TEXT.filter(lambda s: s.upper().removeprefix("SIG") not in arg.names)
         options += [_bad(st.integers(*MSGPACK_INT).filter(lambda n: n not in arg.by_number)),
@@ -267,6 +299,50 @@ def _bad_message(draw, arg: Messages):
         value, code, sub = draw(invalid(arg.role if how == "role" else arg.content))
         m, where = {**m, how: value}, f".{how}{sub}"
     return msgs[:i] + [m] + msgs[i:], code, f"[{i}]{where}"
+
+
+def _tool_messages(arg: Messages) -> st.SearchStrategy:
+    """An assistant's tool calls (its content nil, absent or text) and a tool's reply."""
+    call = st.fixed_dictionaries(
+        {"id": st.text(max_size=8), "function": st.fixed_dictionaries(
+            {"name": st.text(min_size=1, max_size=8), "arguments": st.text(max_size=16)})},
+        optional={"type": st.just("function")})
+    calls = st.fixed_dictionaries({"role": st.just("assistant"),
+                                   "tool_calls": st.lists(call, min_size=1, max_size=2)},
+                                  optional={"content": st.none() | st.text(max_size=8)})
+    reply = st.fixed_dictionaries({"role": st.just("tool"), "content": st.text(max_size=8)},
+                                  optional={"tool_call_id": st.text(max_size=8),
+                                            "name": st.text(max_size=8)})
+    return calls | reply
+
+
+def _nested(depth: int) -> dict:
+    """Maps nested depth deep, each under the key "a"."""
+    v: dict = {}
+    for _ in range(depth - 1):
+        v = {"a": v}
+    return v
+
+
+@st.composite
+def _bad_json(draw, arg: Json):
+    """A value that is JSON but for one part (a leaf, a key, an item, its depth), or is
+    too big: the error and where it is. Lists of maps (arg.objects) only."""
+    if arg.objects is None:
+        raise NotImplementedError("no strategy for Json of any value: add one")
+    how = draw(st.sampled_from(["many", "item", "leaf", "key", "deep", "big"]))
+    if how == "many":
+        return [{}] * (arg.objects + 1), E2BIG, ""
+    if how == "item":
+        return [{}, draw(json_data.filter(lambda v: not isinstance(v, dict)))], EINVAL, "[1]"
+    if how == "leaf":
+        return [{"k": draw(st.binary(max_size=4) | st.sampled_from([math.nan, math.inf]))}], \
+            EINVAL, "[0]['k']"
+    if how == "key":
+        return [{b"k": 1}], EINVAL, "[0] key"
+    if how == "deep":            # the list is the first level: its map the second
+        return [_nested(arg.max_depth)], EINVAL, "[0]" + "['a']" * (arg.max_depth - 1)
+    return [{"d": "x" * arg.max_bytes}], E2BIG, ""
 
 
 # ---- whole argument maps ---------------------------------------------------------------------
@@ -373,12 +449,45 @@ def within(arg, v) -> bool:
         return v == UNLIMITED or within(arg.of, v)
     if isinstance(arg, Messages):
         return (type(v) is list and 1 <= len(v) <= arg.max_len
-                and all(type(m) is dict and set(m) == {"role", "content"}
-                        and within(arg.role, m["role"]) and within(arg.content, m["content"])
-                        for m in v))
+                and all(_message_within(arg, m) for m in v))
+    if isinstance(arg, ToolCall):
+        fn = v.get("function") if type(v) is dict else None
+        return (type(fn) is dict and set(v) <= {"id", "type", "function"}
+                and set(fn) == {"name", "arguments"} and within(arg.id, v.get("id"))
+                and ("type" not in v or within(arg.type, v["type"]))
+                and within(arg.name, fn["name"]) and within(arg.arguments, fn["arguments"]))
+    if isinstance(arg, Json):
+        size = len(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode())
+        shape = arg.objects is None or (type(v) is list and len(v) <= arg.objects
+                                        and all(type(x) is dict for x in v))
+        return shape and _json_within(v) and json_depth(v) <= arg.max_depth \
+            and size <= arg.max_bytes
     if isinstance(arg, Signal):
         return v in arg.names
     raise NotImplementedError(f"no check for argument type {type(arg).__name__}: add one")
+
+
+def _message_within(arg: Messages, m) -> bool:
+    if type(m) is not dict or not within(arg.role, m.get("role")):
+        return False
+    keys = {"role", "content", *arg.EXTRA.get(m["role"], ())}
+    calls = m.get("tool_calls")
+    content_ok = within(arg.content, m["content"]) if "content" in m and (
+        m["content"] is not None or not calls) else bool(calls)
+    return (set(m) <= keys and content_ok
+            and (calls is None or within(arg.tool_calls, calls))
+            and all(within(arg.ident, m[k]) for k in ("tool_call_id", "name") if k in m))
+
+
+def _json_within(v) -> bool:
+    """v is made of dicts with str keys, lists, str, int, finite float, bool and None."""
+    if v is None or type(v) in (bool, int, str):
+        return True
+    if type(v) is float:
+        return math.isfinite(v)
+    if type(v) is list:
+        return all(map(_json_within, v))
+    return type(v) is dict and all(type(k) is str and _json_within(x) for k, x in v.items())
 
 
 def parsed_within(spec: Spec, out: dict) -> bool:

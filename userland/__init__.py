@@ -10,7 +10,7 @@ import importlib
 _LAZY = {"connect": ".attach"} | {name: ".sdk" for name in (
     "Kernel", "Context", "Completion", "Delta", "Usage", "Stream", "ProcInfo",
     "ProcState", "MemInfo", "ProcMem", "ModelInfo", "SysInfo", "ContextInfo", "WaitStatus",
-    "Limits", "SchedInfo",
+    "Limits", "SchedInfo", "Metrics", "ModelMetrics", "ProcMetrics", "Histogram",
     "KernelNotRunning", "SyscallError", "KernelDead", "CallTimeout")}
 
 __all__ = list(_LAZY)

@@ -20,14 +20,15 @@ from pathlib import Path
 from llmos.syscalls import CallTimeout, Connection, KernelDead, Sys, SyscallError  # noqa: F401 (re-exported)
 from llmos.syscalls.client import CallHandle
 from llmos.syscalls.args import UNLIMITED
-from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, Limits, MemInfo,  # noqa: F401
-                                  ModelInfo, ProcInfo, ProcMem, ProcState, SchedInfo, SyscallInfo,
+from llmos.syscalls.types import (Completion, ContextInfo, Delta, Hello, Histogram,  # noqa: F401
+                                  Limits, MemInfo, Metrics, ModelInfo, ModelMetrics, ProcInfo,
+                                  ProcMem, ProcMetrics, ProcState, SchedInfo, SyscallInfo,
                                   SysInfo, Usage, WaitStatus)
 
 WAIT_SLACK = 5.0     # seconds the client waits past a wait(timeout=) before giving up itself
 
 _OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
-            "stop_token_ids", "ignore_eos", "model", "share")
+            "stop_token_ids", "ignore_eos", "model", "share", "tools")
 
 
 class KernelNotRunning(KernelDead):
@@ -137,7 +138,9 @@ class Kernel:
         top_p, min_p, seed, stop (a str or list), stop_token_ids, ignore_eos, model (a
         registered name, a model directory or .gguf file, or "tiny"; absent: the kernel's
         default model; one not loaded is loaded first; ENOENT names the names), share (a prefix-cache share
-        group: by default only this process's tree reuses its cached prefixes).
+        group: by default only this process's tree reuses its cached prefixes), tools
+        (OpenAI's, a list of maps, with messages only: the chat template lists them;
+        ModelInfo.tool_format says how the model writes its calls).
         Returns a Completion; with stream=True, a Stream of Delta whose `.completion` is
         set once it is exhausted.
         """
@@ -151,11 +154,13 @@ class Kernel:
         return Completion.from_wire(self._call(Sys.GENERATE, **args))
 
     def context(self, system: str | None = None, messages: list | None = None,
-                model: str | None = None, share: str | None = None) -> "Context":
+                model: str | None = None, share: str | None = None,
+                tools: list | None = None) -> "Context":
         """A new context (KV kept between calls), optionally started with a system prompt
-        or messages, its prefix cached for `share` (a group name) or this process tree.
-        Free it with close() or a `with` block."""
-        args = _given(system=system, messages=messages, model=model, share=share)
+        or messages (and the `tools` the chat template lists with them), its prefix cached
+        for `share` (a group name) or this process tree. Free it with close() or a `with`
+        block."""
+        args = _given(system=system, messages=messages, model=model, share=share, tools=tools)
         return Context(self, self._call(Sys.CONTEXT_CREATE, **args)["context"])
 
     def tokenize(self, text: str, model: str | None = None) -> list[int]:
@@ -291,6 +296,13 @@ class Kernel:
 
     def sysinfo(self) -> SysInfo:
         return SysInfo.from_wire(self._call(Sys.SYSINFO))
+
+    def metrics(self) -> Metrics:
+        """Each loaded model's counters since it loaded (requests by how they ended,
+        tokens, latency histograms) and its state now; the processes this one may see in
+        ps, the busiest by name (at most the kernel's METRICS_PROCS), the rest in
+        `others`. As the engine last published them: at most 50 ms old while it is busy."""
+        return Metrics.from_wire(self._call(Sys.METRICS))
 
     def syscalls(self) -> list[SyscallInfo]:
         """The kernel's syscall table: number, name, and the spec of its arguments."""

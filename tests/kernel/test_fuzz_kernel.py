@@ -21,7 +21,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from llmos.syscalls import Connection, Sys, wire
-from llmos.syscalls.args import Messages
+from llmos.syscalls.chat import Messages
 from llmos.syscalls.errors import CODES, EDEAD, EIO, ENOSYS, ETIMEDOUT, SyscallError
 from llmos.syscalls.home import Home, read_token
 from llmos.syscalls.specs import SPECS

@@ -4,13 +4,28 @@ import math
 
 import pytest
 
-from llmos.syscalls.args import Bool, Bytes, Dict, Float, Int, List, Messages, Signal, Spec, Str
+from llmos.syscalls.args import Bool, Bytes, Dict, Float, Int, List, Signal, Spec, Str
+from llmos.syscalls.chat import Json, Messages
 from llmos.syscalls.errors import E2BIG, EINVAL, SyscallError
 from llmos.syscalls.numbers import Sys
 from llmos.syscalls.specs import LIMITS, SPECS, parse_limit
 from llmos.syscalls.types import Limits
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+# An OpenAI tool conversation: the assistant's calls (no content), then the tool's reply.
+TOOL_MSGS = MSGS + [{"role": "assistant", "content": None, "tool_calls": [CALL]},
+                    {"role": "tool", "tool_call_id": "call_1", "name": "get_weather",
+                     "content": "sunny"},
+                    {"role": "assistant", "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
+                    {"role": "assistant", "content": "and", "tool_calls": []},
+                    {"role": "tool", "content": "no id"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "days": {"type": "integer", "minimum": 1}},
+                   "required": ["city"], "additionalProperties": False}}}]
 
 GOOD = {
     Sys.PING: [{}],
@@ -29,9 +44,12 @@ GOOD = {
     Sys.GENERATE: [{"prompt": "hi"}, {"messages": MSGS}, {"token_ids": [1, 2, 3]},
                    {"prompt": "x", "max_tokens": 16, "temperature": 0.7, "top_k": 40, "top_p": 1,
                     "min_p": 0.05, "seed": -5, "stop": ["\n"], "stop_token_ids": [2],
-                    "ignore_eos": True, "context": 4, "stream": True, "model": "tiny"}],
+                    "ignore_eos": True, "context": 4, "stream": True, "model": "tiny"},
+                   {"messages": TOOL_MSGS, "tools": TOOLS}, {"messages": MSGS, "tools": []},
+                   {"messages": MSGS, "tools": [{"a": [1, 2.5, None, True, {"b": "c"}]}] * 128}],
     Sys.CANCEL: [{"call": 12}],
-    Sys.CONTEXT_CREATE: [{}, {"system": "You are terse."}, {"messages": MSGS}],
+    Sys.CONTEXT_CREATE: [{}, {"system": "You are terse."}, {"messages": MSGS},
+                         {"system": "You are terse.", "tools": TOOLS}],
     Sys.CONTEXT_FORK: [{"context": 1}], Sys.CONTEXT_FREE: [{"context": 1}],
     Sys.CONTEXT_INFO: [{"context": 1}],
     Sys.TOKENIZE: [{"text": "hello"}, {"text": ""}],
@@ -47,6 +65,7 @@ GOOD = {
                     {"name": "q", "path": "/m", "dtype": "bfloat16", "quantize": "int8",
                      "keep_alive": 60}],
     Sys.MODEL_RM: [{"name": "smol"}],
+    Sys.METRICS: [{}],
 }
 
 # (syscall, args, code, words the message must contain)
@@ -149,6 +168,53 @@ BAD = [
     (Sys.MODEL_ADD, {"name": "m", "path": "/m", "quantize": "q4"}, EINVAL,
      "'quantize': 'q4' is not one of int8"),
     (Sys.MODEL_RM, {"name": 3}, EINVAL, "'name': expected str"),
+    (Sys.METRICS, {"model": "tiny"}, EINVAL, "unknown argument 'model'"),
+    # OpenAI tool conversations: the calls of an assistant message, the id of a tool reply.
+    (Sys.GENERATE, {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]},
+     EINVAL, "'messages[0].tool_calls': unknown field of a user message (only of assistant"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "content": "x", "tool_call_id": "c"}]},
+     EINVAL, "'messages[0].tool_call_id': unknown field of a assistant message"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "content": None}]}, EINVAL,
+     "'messages[0].content': expected str, got nil"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": []}]}, EINVAL,
+     "'messages[0].content': missing"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": CALL}]}, EINVAL,
+     "'messages[0].tool_calls': expected list, got dict"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": [{**CALL, "index": 0}]}]},
+     EINVAL, "'messages[0].tool_calls[0].index': unknown field (one of id, type, function)"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]},
+     EINVAL, "'messages[0].tool_calls[0].id': missing"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": [{**CALL, "type": "code"}]}]},
+     EINVAL, "'messages[0].tool_calls[0].type': 'code' is not one of function"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": [
+        {**CALL, "function": {"name": "f", "arguments": {"city": "Paris"}}}]}]},
+     EINVAL, "'messages[0].tool_calls[0].function.arguments': expected str, got dict"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": [
+        {**CALL, "function": {"arguments": "{}"}}]}]},
+     EINVAL, "'messages[0].tool_calls[0].function.name': missing"),
+    (Sys.GENERATE, {"messages": [{"role": "assistant", "tool_calls": [CALL] * 129}]}, E2BIG,
+     "'messages[0].tool_calls': too long"),
+    (Sys.GENERATE, {"messages": [{"role": "tool", "content": "x", "tool_call_id": 7}]}, EINVAL,
+     "'messages[0].tool_call_id': expected str, got int"),
+    (Sys.GENERATE, {"messages": [{"role": "tool", "content": "x", "id": "c"}]}, EINVAL,
+     "'messages[0].id': unknown message field"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": {"type": "function"}}, EINVAL,
+     "'tools': expected list of maps, got dict"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": ["get_weather"]}, EINVAL,
+     "'tools[0]': expected a map, got str"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{}] * 129}, E2BIG, "'tools': too long"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"f": {"x": b"\0"}}]}, EINVAL,
+     "'tools[0]['f']['x']': expected JSON data"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"f": [math.nan]}]}, EINVAL,
+     "'tools[0]['f'][0]': expected a finite float"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"f": {b"k": "x"}}]}, EINVAL,
+     "'tools[0]['f'] key': expected str, got bytes"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"a": {"a": {"a": {"a": {"a": {"a": {"a": {
+        "a": {"a": {"a": {"a": {"a": {"a": {"a": {"a": {"a": {}}}}}}}}}}}}}}}}}]}, EINVAL,
+     "'tools[0]" + "['a']" * 15 + "': nested deeper than 16 maps and lists"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"d": "x" * (256 << 10)}]}, E2BIG,
+     "'tools': too large"),
+    (Sys.CONTEXT_CREATE, {"tools": TOOLS, "model": 1}, EINVAL, "'model': expected str"),
 ]
 
 
@@ -208,6 +274,13 @@ def test_small_types_directly():
     assert Dict(Int()).check("d", {"a": 1}) == {"a": 1}
     assert List(Str(3)).check("l", ("ab",)) == ["ab"]
     assert Messages().describe()["roles"] == ["system", "user", "assistant", "tool"]
+    assert Json().check("j", {"a": (1, 2.5, None)}) == {"a": [1, 2.5, None]}   # any JSON
+    assert Json(max_depth=2).check("j", [[]]) == [[]]
+    with pytest.raises(SyscallError, match="'j\\[0\\]\\[0\\]': nested deeper than 2"):
+        Json(max_depth=2).check("j", [[[]]])
+    with pytest.raises(SyscallError, match="'j': too large \\(8 > 7 bytes as JSON\\)"):
+        Json(max_bytes=7).check("j", "abcdef")
+    assert Json(objects=2).describe()["objects"] == 2
     assert Signal().describe()["choices"] == ["TERM", "KILL", "INT", "STOP", "CONT"]
     assert Float(0, 1, max_open=True).check("f", 0) == 0.0
     with pytest.raises(SyscallError, match="must be < 1"):

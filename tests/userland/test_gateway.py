@@ -206,7 +206,10 @@ def test_each_api_key_is_a_process_and_a_bad_key_is_401(kernel_home, owner, tmp_
         with pytest.raises(openai.AuthenticationError) as e:
             g.client("wrong").completions.create(model="tiny", prompt="1+1=", max_tokens=1)
         assert e.value.body["code"] == "invalid_api_key"
-        assert g.request("GET", "/v1/models")[0] == 200      # listing needs no key
+        assert g.request("GET", "/v1/models")[0] == 401       # every route but /health
+        assert g.request("GET", "/metrics")[0] == 401
+        assert g.request("GET", "/v1/models", headers={"Authorization": "Bearer s3cret-bob"})[0] == 200
+        assert g.request("GET", "/health")[0] == 200
     finally:
         g.close()
 
@@ -216,3 +219,155 @@ def test_serve_refuses_a_public_address_without_keys(kernel_home):
                           str(kernel_home), "--host", "0.0.0.0", "--port", str(free_port())],
                          cwd=ROOT, capture_output=True, text=True, timeout=T)
     assert run.returncode != 0 and "not loopback" in run.stderr
+
+
+# ---- tool calls ----------------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+PAYLOAD = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+# A Hermes-style template, as Qwen's and Hermes' teach tool calls.
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call these tools: {{ tools | tojson }}\n"
+    "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
+    "{% endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{%- if message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
+    "<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "{%- else %}{{ message['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tool_caller(path):
+    """A random Qwen3 checkpoint made to answer any prompt with one Hermes tool call.
+
+    Its layers add nothing (o_proj and down_proj are zero), so each next token depends on
+    the current one alone; the head maps the generation prompt's last token to
+    <tool_call>, that to the call's JSON (one added token), that to </tool_call>, that to
+    <|im_end|>. Everything else (tokenizer, template, loading) is as for any checkpoint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken, Tokenizer
+
+    from tests.checkpoints import IM_END, make_checkpoint
+    path = make_checkpoint("qwen3", path, num_hidden_layers=1)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_tokens([AddedToken(t, normalized=False) for t in ("<tool_call>", "</tool_call>", PAYLOAD)])
+    tok.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "config.json").read_text())
+    vocab = tok.get_vocab_size()
+    weights = load_file(str(path / "model.safetensors"))
+    torch.manual_seed(1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old = weights[name]
+        weights[name] = torch.cat([old, torch.randn(vocab - old.shape[0], old.shape[1])])
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = torch.zeros_like(weights[name])
+        elif name == "model.norm.weight":
+            weights[name] = torch.ones_like(weights[name])
+    emb = weights["model.embed_tokens.weight"]
+    unit = emb / emb.pow(2).mean(-1, keepdim=True).add(config["rms_norm_eps"]).sqrt()
+    start = tok.encode("<|im_start|>assistant\n").ids[-1]
+    chain = [start, *(tok.token_to_id(t) for t in ("<tool_call>", PAYLOAD, "</tool_call>", IM_END))]
+    head = torch.zeros_like(weights["lm_head.weight"])
+    for src, dst in zip(chain, chain[1:]):
+        head[dst] = unit[src]
+    weights["lm_head.weight"] = head
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": vocab}))
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (path / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tool_caller(kernel_home, tmp_path_factory):
+    path = make_tool_caller(tmp_path_factory.mktemp("caller") / "caller")
+    with connect(kernel_home, timeout=T) as k:
+        k.model_add("caller", str(path))
+        yield "caller"
+        eventually(lambda: _unloaded(k, "caller"), "the tool caller unloaded")
+        k.model_rm("caller")
+
+
+def _unloaded(k, name) -> bool:
+    from llmos.syscalls import SyscallError
+    try:
+        k.model_unload(name)
+        return True
+    except SyscallError as e:
+        return e.code == "EINVAL" and "not loaded" in e.msg
+
+
+def test_a_hermes_tool_call_comes_back_as_tool_calls(gateway, tool_caller):
+    client = gateway.client()
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=tool_caller, messages=ask, tools=TOOLS,
+                                       max_tokens=16)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model=tool_caller, messages=ask, tools=TOOLS,
+                                                 max_tokens=16, stream=True))
+    calls = [c for ch in chunks if ch.choices for c in (ch.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].index == 0
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its result go back to the model, rendered by its template
+    follow = ask + [choice.message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    again = client.chat.completions.create(model=tool_caller, messages=follow, tools=TOOLS,
+                                           max_tokens=16)
+    assert again.choices[0].finish_reason == "tool_calls"
+    # without tools, the same words are plain text
+    plain = client.chat.completions.create(model=tool_caller, messages=ask, max_tokens=16,
+                                           tools=TOOLS, tool_choice="none")
+    assert plain.choices[0].message.content == f"<tool_call>{PAYLOAD}</tool_call>"
+    assert plain.choices[0].finish_reason == "stop" and not plain.choices[0].message.tool_calls
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+def scrape(gateway) -> dict:
+    """{(sample name, labels...): value} of one GET /metrics, parsed by prometheus-client."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, text = gateway.get("/metrics")
+    assert status == 200, text
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_exactly_what_was_sent(gateway, owner):
+    client = gateway.client()
+    client.completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+    pid = api_pid(owner)
+    api = f"{pid}:api"
+    before = scrape(gateway)
+    for _ in range(3):
+        client.completions.create(model="tiny", prompt="12+47=", max_tokens=5,
+                                  extra_body={"ignore_eos": True})
+    after = scrape(gateway)
+
+    def grew(name, **labels):
+        key = (name, *sorted(labels.items()))
+        return after.get(key, 0) - before.get(key, 0)
+    tiny = {"model": "tiny"}
+    assert grew("llmos_requests_total", finish_reason="length", **tiny) == 3
+    assert grew("llmos_generated_tokens_total", **tiny) == 15
+    for h in ("llmos_time_to_first_token_seconds", "llmos_time_per_output_token_seconds",
+              "llmos_e2e_request_latency_seconds"):
+        assert grew(f"{h}_count", **tiny) == 3
+        assert grew(f"{h}_bucket", le="+Inf", **tiny) == 3
+    assert grew("llmos_process_tokens_total", process=api, direction="out") == 15
+    assert grew("llmos_process_requests_total", process=api) == 3
+    assert grew("llmos_http_requests_total", path="/v1/completions", status="200") == 3
+    kv = owner.meminfo().models["tiny"].kv
+    assert after[("llmos_kv_blocks", ("model", "tiny"), ("state", "total"))] == kv.total
+    assert after[("llmos_requests_running", ("model", "tiny"))] == 0

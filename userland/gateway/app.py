@@ -59,7 +59,8 @@ def make_app(clients: Clients) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        clients.caller(request.headers.get("authorization"))      # a key, if keys are set
         found = await gw.call(SELF, "models")
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": 0, "owned_by": "llmos",
@@ -74,7 +75,8 @@ def make_app(clients: Clients) -> FastAPI:
         return await gw.complete(request, api.completion_request)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        clients.caller(request.headers.get("authorization"))
         k = await gw.kernel(SELF)
         text = await anyio.to_thread.run_sync(gw.metrics.render, k)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
@@ -116,7 +118,6 @@ class Gateway:
             raise ApiError(400, "the body must be a JSON object")
         ask = make_ask(body)
         k = await self.kernel(name)
-        fmt = await self._tool_format(name, ask) if ask.tools else ""
         run = Running(k.generate(**ask.source, model=ask.model, stream=True, **ask.sampling))
         try:
             first = await run.next()               # errors before the first token: a status
@@ -125,6 +126,7 @@ class Gateway:
             raise ApiError(503, f"the kernel went away: {e.msg}") from None
         except SyscallError as e:
             raise ApiError.of(e) from None
+        fmt = await self._tool_format(name, ask) if ask.tools else ""   # loaded by now
         self.metrics.answered(request.url.path, 200)
         if ask.stream:
             return StreamingResponse(self._events(ask, run, first, fmt),
@@ -172,11 +174,12 @@ class Gateway:
         yield "data: [DONE]\n\n"
 
     async def _tool_format(self, name: str, ask) -> str:
+        """The tool-call form of ask's model (ModelInfo.tool_format), known once it loaded."""
         known = self._formats.get(ask.model)
         if known is None or time.monotonic() - known[1] > MODELS_TTL:
-            found = await self.call(name, "models")
-            for m in found:
-                self._formats[m.name] = (getattr(m, "tool_format", ""), time.monotonic())
+            for m in await self.call(name, "models"):
+                if m.state == "ready":
+                    self._formats[m.name] = (m.tool_format, time.monotonic())
             known = self._formats.get(ask.model, ("", 0.0))
         return known[0]
 

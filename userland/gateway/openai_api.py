@@ -113,8 +113,8 @@ def _message(i: int, m) -> dict:
         out["role"] = "system"                    # OpenAI's newer name for it
     if out.get("role") != "assistant" or "tool_calls" not in out:
         out.setdefault("content", "")
-    if out.get("role") not in ("system", "user", "assistant", "tool"):
-        out.pop("name", None)
+    if out.get("role") != "tool":
+        out.pop("name", None)                     # a participant's name: templates ignore it
     return out
 
 
