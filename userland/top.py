@@ -56,6 +56,7 @@ class Snap:
     models: list
     host_cpu: float
     host_mem: tuple            # (used, total) bytes
+    metrics: object = None     # the kernel's Metrics (what /metrics of `llmos serve` shows)
 
 
 @dataclass
@@ -89,10 +90,10 @@ class Order:
 
 
 def read(k) -> Snap:
-    """One snapshot: four syscalls, none of which waits on the engine."""
+    """One snapshot: five syscalls, none of which waits on the engine."""
     vm = psutil.virtual_memory()
     return Snap(time.time(), k.sysinfo(), k.meminfo(), k.ps(), k.models(),
-                psutil.cpu_percent(None), (vm.total - vm.available, vm.total))
+                psutil.cpu_percent(None), (vm.total - vm.available, vm.total), k.metrics())
 
 
 def render(snap: Snap, rates: dict, order: Order | None = None) -> str:
@@ -111,7 +112,7 @@ def render(snap: Snap, rates: dict, order: Order | None = None) -> str:
                                                      ProcState.SLEEPING, ProcState.STOPPED,
                                                      ProcState.ZOMBIE))),
         f"tokens/s in/out: {_pair(rates['last'])} (last), {_pair(rates['window'])} "
-        f"({WINDOW:g} s); queue {sum(p.calls for p in snap.procs)} calls",
+        f"({WINDOW:g} s); {requests(snap.metrics)}",
         f"KV   {bar(kv.used, kv.total)} {kv.used}/{kv.total} blocks used, {kv.cached} cached, "
         f"{kv.free} free",
         f"swap {bar(kv.swap_total - kv.swap_free, kv.swap_total)} "
@@ -201,9 +202,35 @@ def json_line(snap: Snap, rates: dict) -> str:
     """The snapshot and its rates as one line of JSON (--json)."""
     return json.dumps({"at": snap.at, "sysinfo": to_wire(snap.sysinfo),
                        "mem": to_wire(snap.mem), "procs": to_wire(snap.procs),
-                       "models": to_wire(snap.models), "rates": rates,
+                       "models": to_wire(snap.models), "metrics": to_wire(snap.metrics),
+                       "rates": rates,
                        "host": {"cpu_percent": snap.host_cpu, "mem_used": snap.host_mem[0],
                                 "mem_total": snap.host_mem[1]}})
+
+
+def requests(m) -> str:
+    """The kernel's requests now and its time to first token so far (its metrics)."""
+    if m is None:
+        return "requests -"
+    running, waiting = sum(x.running for x in m.models), sum(x.waiting for x in m.models)
+    counts = [sum(c) for c in zip(*(x.ttft.counts for x in m.models))] if m.models else []
+    bounds = m.models[0].ttft.bounds if m.models else []
+    return (f"requests {running} running, {waiting} waiting; ttft p50 "
+            f"{quantile(bounds, counts, 0.5)} p99 {quantile(bounds, counts, 0.99)}")
+
+
+def quantile(bounds, counts, q: float) -> str:
+    """The bucket bound below which q of a histogram's observations lie ("<=0.1s"), as
+    Prometheus' histogram_quantile would bracket it; "-" with none."""
+    total = sum(counts)
+    if not total:
+        return "-"
+    seen = 0
+    for bound, n in zip(list(bounds) + [None], counts):
+        seen += n
+        if seen >= q * total:
+            return f"<={bound:g}s" if bound is not None else f">{bounds[-1]:g}s"
+    return "-"
 
 
 def bar(used: int, total: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -337,6 +338,7 @@ def test_top_batch_and_json_show_every_column_and_each_process_rate(kernel_home)
         lines = shot.splitlines()
         assert "models: tiny*" in lines[0] and "policy fair" in lines[0]
         assert lines[1].startswith("procs: ") and lines[2].startswith("tokens/s in/out: ")
+        assert re.search(r"; requests \d+ running, \d+ waiting; ttft p50 (<=[\d.]+s|-) p99 ", lines[2])
         assert lines[3].startswith("KV   [") and lines[4].startswith("swap [")
         assert lines[5].startswith("host cpu ")
         assert lines[6].split() == TOP_HEADER
@@ -350,3 +352,4 @@ def test_top_batch_and_json_show_every_column_and_each_process_rate(kernel_home)
     assert len(snaps) == 2 and snaps[0]["rates"]["last"] is None
     assert snaps[1]["rates"]["last"] is not None and snaps[1]["procs"]
     assert {"tok_in_s", "tok_out_s"} <= set(snaps[1]["procs"][0])
+    assert snaps[1]["metrics"]["models"][0]["ttft"]["count"] > 0    # the kernel's metrics
