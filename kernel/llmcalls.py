@@ -16,8 +16,9 @@ Threads: called on the I/O thread; tokenizer workers run _encode's work, then qu
 from __future__ import annotations
 
 import json
+import logging
 
-from llmos.syscalls.errors import E2BIG, EINVAL, ESRCH, SyscallError
+from llmos.syscalls.errors import E2BIG, EINVAL, EIO, ESRCH, SyscallError
 from llmos.syscalls.numbers import sys_name
 from llmos.syscalls.types import Completion
 
@@ -27,6 +28,8 @@ from .load import max_model_len
 
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
             "stop_token_ids", "ignore_eos")
+
+log = logging.getLogger("llmos.kernel")
 
 
 class LLMCalls:
@@ -134,6 +137,9 @@ class LLMCalls:
                     _encode(mdir, size, prompt, messages, reply, tools)
             except SyscallError as e:
                 return fail(e)
+            except Exception as e:        # noqa: BLE001 a bug: answered, never left hanging
+                log.exception("encoding for model %s failed", spec.name)
+                return fail(SyscallError(EIO, f"encoding failed: {type(e).__name__}: {e}"))
             then(mdir, tokens)
         opened = self.registry.opened(spec)
         if opened is not None and size <= tunables.INLINE_TEXT:

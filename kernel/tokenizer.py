@@ -118,8 +118,8 @@ class Tokenizer:
         try:
             return self._template.render(messages=_normalize_messages(messages),
                                          add_generation_prompt=add_generation_prompt, **context)
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template: {e}") from None
+        except Exception as e:        # noqa: BLE001 the template's own errors (TypeError...) too
+            raise ChatTemplateError(f"chat template: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Ids of the rendered chat; the template adds its own special tokens."""

@@ -63,6 +63,33 @@ class Json(Arg):
                 "max_bytes": self.max_bytes}
 
 
+class Tools(Json):
+    """OpenAI's `tools`: a list of {"type": "function", "function": {"name": str,
+    "description": str, "parameters": map}}, as chat templates read them (a template
+    given anything else fails inside itself, with nothing to tell the caller)."""
+    kind = "tools"
+
+    def check(self, name, value):
+        tools = super().check(name, value)
+        for i, t in enumerate(tools):
+            at = f"{name}[{i}]"
+            _fields(at, t, ("type", "function"), ("function",))
+            if t.get("type", "function") != "function":
+                _bad(f"{at}.type", f"expected \"function\", got {t['type']!r}")
+            f = t["function"]
+            if not isinstance(f, dict):
+                _bad(f"{at}.function", f"expected a map, got {_type_of(f)}")
+            _fields(f"{at}.function", f, ("name", "description", "parameters", "strict"),
+                    ("name",))
+            if not isinstance(f["name"], str) or not f["name"]:
+                _bad(f"{at}.function.name", "expected a non-empty str")
+            if not isinstance(f.get("description", ""), str):
+                _bad(f"{at}.function.description", "expected a str")
+            if not isinstance(f.get("parameters", {}), dict):
+                _bad(f"{at}.function.parameters", "expected a map (a JSON schema)")
+        return tools
+
+
 def _fields(name: str, m: dict, allowed: tuple, required: tuple) -> None:
     """m has no key but `allowed` ones, and every `required` one (nil counts as absent)."""
     for key in m:

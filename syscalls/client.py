@@ -173,6 +173,11 @@ class Connection:
             if not slot.done:
                 self._abandon(slot)
 
+    @property
+    def dead(self) -> str | None:
+        """Why the kernel is taken for dead (every call raises KernelDead), or None."""
+        return self._dead
+
     def close(self) -> None:
         """Fail calls still waiting (KernelDead "connection closed") and close the socket."""
         self._closed.set()

@@ -5,7 +5,7 @@ Limits live here, each with why; they bound what one message can make the kernel
 from __future__ import annotations
 
 from .args import UNLIMITED, Bool, Dict, Fields, Float, Int, Limit, List, Signal, Spec, Str
-from .chat import Json, Messages
+from .chat import Messages, Tools
 from .errors import EINVAL, SyscallError
 from .numbers import Sys
 
@@ -19,7 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")   # what a model may be load
 QUANTIZE = ("int8",)         # weight-only quantization at load (drivers/quant.py's)
 # OpenAI's `tools` for the chat template: as many as OpenAI takes (128), each a JSON schema
 # nested as deep as real ones get, all together a bounded text to render and tokenize.
-TOOLS = Json(objects=128, max_depth=16, max_bytes=256 << 10)
+TOOLS = Tools(objects=128, max_depth=16, max_bytes=256 << 10)
 
 _pid = dict(min=0, max=(1 << 31) - 1)
 _handle = dict(min=0, max=INT64[1])   # context and call handles are kernel-issued ints

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from llmos.syscalls import wire
 from llmos.syscalls.args import (UNLIMITED, Bool, Bytes, Dict, Fields, Float, Int, Limit, List,
                                  Signal, Spec, Str)
-from llmos.syscalls.chat import Json, Messages, ToolCall
+from llmos.syscalls.chat import Json, Messages, ToolCall, Tools
 from llmos.syscalls.errors import E2BIG, EINVAL
 
 # Reproducible in CI: a fixed sequence of examples, no example database, no deadline (a
@@ -80,7 +80,7 @@ def _accepts_type(arg, v) -> bool:
         return not isinstance(v, (bytes, float)) or math.isfinite(v)
     types = {Int: (), Str: (str,), Bool: (bool,), Bytes: (bytes,), List: (list, tuple),
              Dict: (dict,), Fields: (dict,), Messages: (list, tuple), Signal: (str,),
-             Json: (list, tuple)}
+             Json: (list, tuple), Tools: (list, tuple)}
     return isinstance(v, types[type(arg)])
 
 
@@ -156,6 +156,14 @@ def valid(arg) -> st.SearchStrategy:
         one = {"role": arg.ROLES[0], "content": ""}
         return rarely(st.lists(msg, min_size=1, max_size=min(arg.max_len, 4)),
                       st.just([one] * arg.max_len))
+    if isinstance(arg, Tools):
+        params = st.dictionaries(TEXT, json_data.filter(lambda v: json_depth(v) < 12), max_size=3)
+        fn = st.fixed_dictionaries({"name": TEXT.filter(bool)},
+                                   optional={"description": TEXT, "parameters": params})
+        tool = st.fixed_dictionaries({"function": fn}, optional={"type": st.just("function")})
+        one = {"type": "function", "function": {"name": "f"}}
+        return rarely(st.lists(tool, max_size=min(arg.objects, 4)),
+                      st.just([one] * arg.objects))
     if isinstance(arg, Json):
         data = json_data.filter(lambda v: json_depth(v) < arg.max_depth)
         if arg.objects is None:
@@ -460,11 +468,22 @@ def within(arg, v) -> bool:
         size = len(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode())
         shape = arg.objects is None or (type(v) is list and len(v) <= arg.objects
                                         and all(type(x) is dict for x in v))
+        if isinstance(arg, Tools):
+            shape = shape and all(_tool_within(t) for t in v)
         return shape and _json_within(v) and json_depth(v) <= arg.max_depth \
             and size <= arg.max_bytes
     if isinstance(arg, Signal):
         return v in arg.names
     raise NotImplementedError(f"no check for argument type {type(arg).__name__}: add one")
+
+
+def _tool_within(t: dict) -> bool:
+    """t is a tool as syscalls/chat.py Tools takes one."""
+    fn = t.get("function")
+    return (set(t) <= {"type", "function"} and t.get("type", "function") == "function"
+            and type(fn) is dict and set(fn) <= {"name", "description", "parameters", "strict"}
+            and type(fn.get("name")) is str and fn["name"] != ""
+            and type(fn.get("description", "")) is str and type(fn.get("parameters", {})) is dict)
 
 
 def _message_within(arg: Messages, m) -> bool:

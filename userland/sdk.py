@@ -126,6 +126,12 @@ class Kernel:
     def __repr__(self):
         return f"<Kernel pid={self.pid} at {self._conn.endpoint}>"
 
+    @property
+    def alive(self) -> bool:
+        """False once the kernel is taken for dead (closed, or silent): every call raises
+        KernelDead; connect() again for a kernel started anew."""
+        return self._conn.dead is None
+
     def _call(self, nr, _timeout=None, **args):
         return self._conn.call(nr, _timeout=_timeout, **args)
 

@@ -224,3 +224,17 @@ def test_models_say_the_tool_format(k, checkpoints, hermes, tmp_path):
     assert rows["plain"].tool_format == ""
     unopened = shutil.copytree(hermes, tmp_path / "unopened")   # as after a restart
     assert k._registered(ModelSpec("later", str(unopened))).tool_format == ""
+
+
+def test_a_template_that_fails_inside_itself_is_einval_and_frees_the_call(k, hermes, tmp_path):
+    """A template's own error (a TypeError in its code, not a jinja TemplateError) is the
+    caller's EINVAL naming it; it was an EIO whose call slot was never given back."""
+    broken = shutil.copytree(hermes, tmp_path / "broken")
+    (broken / "chat_template.jinja").write_text("{{ 1 + messages[0].content }}")
+    k.registry.add("broken", str(broken))
+    c = conn(k)
+    cid = call(k, c, Sys.GENERATE, messages=[ASK], model="broken", max_tokens=1)
+    k.tokenizers.run()
+    kind, (code, msg) = answer(k, c, cid)
+    assert (kind, code) == ("error", "EINVAL") and "chat template: TypeError" in msg, msg
+    assert not k.procs.get(c.pid).requests

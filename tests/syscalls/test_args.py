@@ -46,7 +46,8 @@ GOOD = {
                     "min_p": 0.05, "seed": -5, "stop": ["\n"], "stop_token_ids": [2],
                     "ignore_eos": True, "context": 4, "stream": True, "model": "tiny"},
                    {"messages": TOOL_MSGS, "tools": TOOLS}, {"messages": MSGS, "tools": []},
-                   {"messages": MSGS, "tools": [{"a": [1, 2.5, None, True, {"b": "c"}]}] * 128}],
+                   {"messages": MSGS, "tools": [{"type": "function", "function": {
+                       "name": "f", "parameters": {"a": [1, 2.5, None, True, {"b": "c"}]}}}] * 128}],
     Sys.CANCEL: [{"call": 12}],
     Sys.CONTEXT_CREATE: [{}, {"system": "You are terse."}, {"messages": MSGS},
                          {"system": "You are terse.", "tools": TOOLS}],
@@ -215,6 +216,17 @@ BAD = [
     (Sys.GENERATE, {"messages": MSGS, "tools": [{"d": "x" * (256 << 10)}]}, E2BIG,
      "'tools': too large"),
     (Sys.CONTEXT_CREATE, {"tools": TOOLS, "model": 1}, EINVAL, "'model': expected str"),
+    # tools as templates read them: a template given another shape fails inside itself
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"type": "function", "function": {"name": 5}}]},
+     EINVAL, "'tools[0].function.name': expected a non-empty str"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"type": "code", "function": {"name": "f"}}]},
+     EINVAL, "'tools[0].type': expected \"function\""),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"function": {"name": "f", "parameters": []}}]},
+     EINVAL, "'tools[0].function.parameters': expected a map"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"function": {"name": "f"}, "x": 1}]},
+     EINVAL, "'tools[0].x': unknown field"),
+    (Sys.GENERATE, {"messages": MSGS, "tools": [{"type": "function"}]},
+     EINVAL, "'tools[0].function': missing"),
 ]
 
 

@@ -187,8 +187,8 @@ def test_a_client_gone_mid_stream_frees_its_request_and_kv(gateway, owner):
         stream.close()                                      # the client goes away
         eventually(lambda: next(p.calls for p in owner.ps() if p.pid == pid) == 0,
                    "the request left the kernel")
-        eventually(lambda: owner.meminfo().procs.get(pid) is None or
-                   owner.meminfo().procs[pid].resident == 0, "its KV freed")
+        eventually(lambda: getattr(owner.meminfo().procs.get(pid), "resident", 0) == 0,
+                   "its KV freed")
         assert next(p.tokens_out for p in owner.ps() if p.pid == pid) < 300
     finally:
         owner.setrlimit(pid, tokens_per_s="unlimited")
@@ -210,6 +210,73 @@ def test_each_api_key_is_a_process_and_a_bad_key_is_401(kernel_home, owner, tmp_
         assert g.request("GET", "/metrics")[0] == 401
         assert g.request("GET", "/v1/models", headers={"Authorization": "Bearer s3cret-bob"})[0] == 200
         assert g.request("GET", "/health")[0] == 200
+    finally:
+        g.close()
+
+
+def test_keys_are_read_as_written_and_the_scheme_is_bearer(kernel_home, owner, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice s3cr#et-alice\n  # a comment\n")
+    g = Gateway(kernel_home, "--api-keys", str(keys))
+    try:
+        def status(auth):
+            return g.request("GET", "/v1/models", headers={"Authorization": auth})[0]
+        assert status("Bearer s3cr#et-alice") == 200 and status("bearer s3cr#et-alice") == 200
+        assert status("Bearer s3cr") == 401 and status("s3cr#et-alice") == 401
+    finally:
+        g.close()
+    for bad in (["--api-key", ""], ["--api-key", "a", "--api-key", "a"]):
+        run = subprocess.run([sys.executable, "-m", "llmos.userland.cli", "serve", "--home",
+                              str(kernel_home), "--port", str(free_port()), *bad],
+                             cwd=ROOT, capture_output=True, text=True, timeout=T)
+        assert run.returncode != 0 and ("empty API key" in run.stderr
+                                        or "given twice" in run.stderr), run.stderr
+
+
+def test_a_client_gone_before_its_first_token_is_cancelled(gateway, owner):
+    client = gateway.client()
+    client.completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+    pid = api_pid(owner)
+    before = next(p.tokens_out for p in owner.ps() if p.pid == pid)
+    owner.kill(pid, "STOP")                      # its requests wait: no first token
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=T)
+        c.request("POST", "/v1/completions", json.dumps(
+            {"model": "tiny", "prompt": "12+47=", "max_tokens": 50, "stream": True}),
+            {"Content-Type": "application/json"})
+        eventually(lambda: next(p.calls for p in owner.ps() if p.pid == pid) == 1, "queued")
+        c.close()                                # gone before any token
+        eventually(lambda: next(p.calls for p in owner.ps() if p.pid == pid) == 0,
+                   "the request cancelled while its process is stopped")
+    finally:
+        owner.kill(pid, "CONT")
+    assert next(p.tokens_out for p in owner.ps() if p.pid == pid) == before
+
+
+def test_odd_arguments_are_400_not_500(gateway):
+    for body, param in (({"model": "tiny", "prompt": "x", "stop": 5}, "stop"),
+                        ({"model": "tiny", "messages": CHAT, "tools": [], "tool_choice": "required"},
+                         "tool_choice")):
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        status, answer = gateway.request("POST", path, body)
+        assert status == 400 and answer["error"]["param"] == param, answer
+
+
+def test_a_restarted_kernel_is_picked_up_by_every_route(own_kernel):
+    from tests.kernels import start_kernel, stop_kernel
+    home, proc = own_kernel
+    g = Gateway(home)
+    try:
+        assert g.get("/metrics")[0] == 200
+        g.client().completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+        stop_kernel(proc)
+        assert g.get("/metrics")[0] == 503 and g.get("/health")[0] == 503
+        again = start_kernel(home)
+        try:
+            assert g.get("/metrics")[0] == 200 and g.get("/health")[0] == 200
+            g.client().completions.create(model="tiny", prompt="1+1=", max_tokens=1)
+        finally:
+            stop_kernel(again)
     finally:
         g.close()
 
@@ -365,8 +432,8 @@ def test_metrics_count_exactly_what_was_sent(gateway, owner):
               "llmos_e2e_request_latency_seconds"):
         assert grew(f"{h}_count", **tiny) == 3
         assert grew(f"{h}_bucket", le="+Inf", **tiny) == 3
-    assert grew("llmos_process_tokens_total", process=api, direction="out") == 15
-    assert grew("llmos_process_requests_total", process=api) == 3
+    assert grew("llmos_process_tokens", process=api, direction="out") == 15
+    assert grew("llmos_process_requests", process=api) == 3
     assert grew("llmos_http_requests_total", path="/v1/completions", status="200") == 3
     kv = owner.meminfo().models["tiny"].kv
     assert after[("llmos_kv_blocks", ("model", "tiny"), ("state", "total"))] == kv.total

@@ -23,7 +23,8 @@ from llmos.userland.commands import HOME_HELP
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs API keys.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on.")
 @click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
               help="A key clients send as `Authorization: Bearer KEY` (repeatable); "
                    "each key is a process of its own (api:key1, ...).")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from functools import partial
@@ -23,11 +24,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llmos.syscalls import KernelDead, SyscallError
+from llmos.syscalls.types import Delta
 from llmos.userland.gateway import openai_api as api
 from llmos.userland.gateway import tools
 from llmos.userland.gateway.clients import SELF, Clients
 from llmos.userland.gateway.errors import ApiError
 from llmos.userland.gateway.metrics import Metrics
+
+log = logging.getLogger("llmos.gateway")
 
 DISCONNECT_POLL = 0.5      # s between looks at whether a non-streaming client is still there
 MODELS_TTL = 10.0          # s a model's tool-call format is remembered
@@ -53,15 +57,20 @@ def make_app(clients: Clients) -> FastAPI:
     async def http_error(request, e: HTTPException):
         return await api_error(request, ApiError(e.status_code, str(e.detail)))
 
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return await api_error(request, ApiError(500, f"internal error: {type(e).__name__}"))
+
     @app.get("/health")
     async def health():
-        await gw.call(SELF, "ping")
+        await gw.call(SELF, lambda k: k.ping())
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models(request: Request):
         clients.caller(request.headers.get("authorization"))      # a key, if keys are set
-        found = await gw.call(SELF, "models")
+        found = await gw.call(SELF, lambda k: k.models())
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": 0, "owned_by": "llmos",
              "state": m.state, "max_model_len": m.max_len or None} for m in found]}
@@ -77,8 +86,7 @@ def make_app(clients: Clients) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request):
         clients.caller(request.headers.get("authorization"))
-        k = await gw.kernel(SELF)
-        text = await anyio.to_thread.run_sync(gw.metrics.render, k)
+        text = await gw.call(SELF, gw.metrics.render)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app
@@ -96,16 +104,21 @@ class Gateway:
         except SyscallError as e:                 # no kernel (KernelNotRunning), token refused
             raise ApiError(503, f"the kernel is not available: {e.msg}") from None
 
-    async def call(self, name: str, method: str, *args):
-        """k.method(*args) of process `name`, off the event loop; kernel errors as ApiError."""
+    async def call(self, name: str, fn, *args):
+        """fn(k, *args) with process `name`'s Kernel k, off the event loop; kernel errors
+        as ApiError (a kernel gone: 503, and the next call connects again)."""
         k = await self.kernel(name)
         try:
-            return await anyio.to_thread.run_sync(partial(getattr(k, method), *args))
-        except KernelDead as e:
-            self.clients.dead(name, k, e)
-            raise ApiError(503, f"the kernel went away: {e.msg}") from None
+            return await anyio.to_thread.run_sync(partial(fn, k, *args))
         except SyscallError as e:
-            raise ApiError.of(e) from None
+            raise self.failed(name, k, e) from None
+
+    def failed(self, name: str, k, e: SyscallError) -> ApiError:
+        """The answer to a kernel error; a dead kernel's connection is dropped."""
+        if isinstance(e, KernelDead):
+            self.clients.dead(name, k)
+            return ApiError(503, f"the kernel went away: {e.msg}")
+        return ApiError.of(e)
 
     async def complete(self, request: Request, make_ask):
         """A chat or text completion for the caller the request's key names."""
@@ -119,56 +132,58 @@ class Gateway:
         ask = make_ask(body)
         k = await self.kernel(name)
         run = Running(k.generate(**ask.source, model=ask.model, stream=True, **ask.sampling))
+        handed = False
         try:
-            first = await run.next()               # errors before the first token: a status
-        except KernelDead as e:
-            self.clients.dead(name, k, e)
-            raise ApiError(503, f"the kernel went away: {e.msg}") from None
+            first = await self._next(request, run)    # errors before the first token: a status
+            fmt = await self._tool_format(name, ask) if ask.tools else ""  # loaded by now
+            if ask.stream:
+                self.metrics.answered(request.url.path, 200)     # the status line goes now
+                response = StreamingResponse(self._events(name, k, ask, run, first, fmt),
+                                             media_type="text/event-stream")
+                handed = True
+                return response
+            while first is not None:
+                first = await self._next(request, run)
+            done = run.completion
+            reply = tools.parse(done.text, fmt) if ask.tools else None
+            self.metrics.answered(request.url.path, 200)
+            return api.response(ask, done, reply)
         except SyscallError as e:
-            raise ApiError.of(e) from None
-        fmt = await self._tool_format(name, ask) if ask.tools else ""   # loaded by now
-        self.metrics.answered(request.url.path, 200)
-        if ask.stream:
-            return StreamingResponse(self._events(ask, run, first, fmt),
-                                     media_type="text/event-stream")
-        return await self._whole(request, ask, run, first, fmt)
-
-    async def _whole(self, request, ask, run, delta, fmt) -> dict:
-        """The whole answer, read as it streams; a client gone meanwhile cancels it."""
-        try:
-            while delta is not None:
-                nxt = asyncio.ensure_future(run.next())
-                while not nxt.done():
-                    await asyncio.wait([nxt], timeout=DISCONNECT_POLL)
-                    if not nxt.done() and await request.is_disconnected():
-                        run.cancel()
-                delta = await nxt
-        except SyscallError as e:
-            raise ApiError.of(e) from None
+            raise self.failed(name, k, e) from None
         finally:
-            run.cancel()
-        done = run.completion
-        return api.response(ask, done, tools.parse(done.text, fmt) if ask.tools else None)
+            if not handed:
+                run.cancel()                       # a client gone, an error: not left running
 
-    async def _events(self, ask, run, delta, fmt):
-        """The SSE stream: a chunk per delta (held back to the end when tools may be
-        called), the finishing chunk, usage if asked, [DONE]."""
+    async def _next(self, request: Request, run: "Running"):
+        """run's next delta, cancelling it if the client goes away meanwhile (it may wait
+        long: queued, throttled, stopped, a model loading)."""
+        nxt = asyncio.ensure_future(run.next())
+        while not nxt.done():
+            await asyncio.wait([nxt], timeout=DISCONNECT_POLL)
+            if not nxt.done() and await request.is_disconnected():
+                run.cancel()
+        return nxt.result()
+
+    async def _events(self, name, k, ask, run, delta, fmt):
+        """The SSE stream: a chunk per delta (held back to the end when the model may call
+        a tool), the finishing chunk, usage if asked, [DONE]."""
+        hold = bool(ask.tools and fmt)
         try:
             if ask.kind == "chat":
                 yield _sse(api.chunk(ask, delta={"role": "assistant", "content": ""}))
             while delta is not None:
-                if not ask.tools and delta.text:
+                if not hold and delta.text:
                     yield _sse(api.chunk(ask, delta={"content": delta.text}, text=delta.text))
                 delta = await run.next()
             done = run.completion
-            reply = tools.parse(done.text, fmt) if ask.tools else None
+            reply = tools.parse(done.text, fmt) if hold else None
             if reply is not None:
                 yield _sse(api.chunk(ask, delta=_reply_delta(reply)))
             yield _sse(api.chunk(ask, finish=api.finish_of(done, reply)))
             if ask.include_usage:
                 yield _sse(api.chunk(ask, usage_=api.usage(done.usage)))
         except SyscallError as e:                   # after the first token: told in-stream
-            yield _sse(ApiError.of(e).body())
+            yield _sse(self.failed(name, k, e).body())
         finally:
             run.cancel()                            # a client gone mid-stream lands here
         yield "data: [DONE]\n\n"
@@ -177,7 +192,7 @@ class Gateway:
         """The tool-call form of ask's model (ModelInfo.tool_format), known once it loaded."""
         known = self._formats.get(ask.model)
         if known is None or time.monotonic() - known[1] > MODELS_TTL:
-            for m in await self.call(name, "models"):
+            for m in await self.call(name, lambda k: k.models()):
                 if m.state == "ready":
                     self._formats[m.name] = (m.tool_format, time.monotonic())
             known = self._formats.get(ask.model, ("", 0.0))
@@ -197,8 +212,9 @@ def _sse(obj: dict) -> str:
 
 class Running:
     """One generate, read on a thread of its own; its deltas handed to the event loop.
-    next() gives the next Delta, None at the end (then .completion is set), or raises
-    what ended the stream (SyscallError, KernelDead)."""
+    next() gives the next Delta (those that arrived meanwhile merged into one: a client
+    that falls behind gets fewer, longer chunks), None at the end (then .completion is
+    set), or raises what ended the stream (SyscallError, KernelDead)."""
 
     _END = object()
 
@@ -207,6 +223,7 @@ class Running:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
+        self._pending = None                     # the end, found while merging deltas
         threading.Thread(target=self._read, daemon=True, name="llmos-gateway-stream").start()
 
     def _read(self) -> None:
@@ -226,14 +243,24 @@ class Running:
     async def next(self):
         if self._ended:
             return None
-        item = await self._queue.get()
+        item = self._pending or await self._queue.get()
+        self._pending = None
         if isinstance(item, tuple) and item[0] is self._END:
             self._ended = True
             if isinstance(item[1], BaseException):
                 raise item[1]
             self.completion = item[1]
             return None
-        return item
+        merged = [item]
+        while not self._queue.empty():
+            more = self._queue.get_nowait()
+            if isinstance(more, tuple):             # the end: told by the next call
+                self._pending = more
+                break
+            merged.append(more)
+        if len(merged) == 1:
+            return item
+        return Delta("".join(d.text for d in merged), [t for d in merged for t in d.token_ids])
 
     def cancel(self) -> None:
         """Cancel it in the kernel unless it ended (from the event loop's thread)."""

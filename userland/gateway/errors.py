@@ -16,7 +16,7 @@ STATUS = {
     "EACCES": (403, "permission_error"),
     "EBUSY": (409, "conflict_error"),
     "EDEAD": (503, "service_unavailable"),
-    "ECANCELED": (499, "cancelled"),
+    "ECANCELED": (499, "cancelled"),       # nginx's "client closed request": nobody reads it
 }
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -38,8 +38,12 @@ class ApiError(Exception):
 
     @classmethod
     def of(cls, e: SyscallError) -> "ApiError":
-        """The API's answer to a kernel error: its message, and the status of its code."""
+        """The API's answer to a kernel error: its message, and the status of its code.
+        ENOMEM for a request that can never fit the pool is the caller's 400 (a retry
+        cannot help); other ENOMEMs (a kv_blocks limit, the pool full now) are 429."""
         status, kind = STATUS.get(e.code, (500, "server_error"))
+        if e.code == "ENOMEM" and "but the pool holds" in e.msg:
+            status, kind = 400, "invalid_request_error"
         param = e.msg.split(":", 1)[0] if status == 400 and ":" in e.msg else None
         code = "model_not_found" if e.code == "ENOENT" else e.code
         return cls(status, f"{e.code}: {e.msg}" if e.msg else e.code,

@@ -67,13 +67,15 @@ class _Kernel:
                 h = getattr(mm, field)
                 family.add_metric([mm.model], _buckets(h), sum_value=h.sum)
             yield family
+        # Gauges, not counters: a process's figures leave with it, and "other" (the live
+        # processes past the busiest) goes down when one exits or moves up.
         procs = [(f"{p.pid}:{p.name}", p) for p in self.m.procs] + [("other", self.m.others)]
-        yield _counter("llmos_process_tokens", "Tokens in (prompt) and out, by process",
-                       ["process", "direction"],
-                       [([label, d], getattr(p, f"tokens_{d}")) for label, p in procs
-                        for d in ("in", "out")])
-        yield _counter("llmos_process_requests", "Generate calls finished, by process",
-                       ["process"], [([label], p.requests) for label, p in procs])
+        yield _gauge("llmos_process_tokens", "Tokens in (prompt) and out of each live "
+                     "process so far", ["process", "direction"],
+                     [([label, d], getattr(p, f"tokens_{d}")) for label, p in procs
+                      for d in ("in", "out")])
+        yield _gauge("llmos_process_requests", "Generate calls finished by each live process",
+                     ["process"], [([label], p.requests) for label, p in procs])
         yield _gauge("llmos_uptime_seconds", "Seconds since the kernel booted", [],
                      [([], self.m.uptime)])
 

@@ -86,6 +86,9 @@ def _sampling(body: dict) -> dict:
             raise ApiError(400, f"{name}: {body.get(name)!r} is not supported", name)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stop = body.get("stop")
+    if not (stop is None or isinstance(stop, str)
+            or isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+        raise ApiError(400, "stop: a string or a list of strings", "stop")
     sampling = {"max_tokens": max_tokens, "temperature": body.get("temperature"),
                 "top_p": body.get("top_p"), "seed": body.get("seed"),
                 "stop": [stop] if isinstance(stop, str) else stop,
@@ -119,11 +122,16 @@ def _message(i: int, m) -> dict:
 
 
 def _tools(body: dict) -> list:
-    """The tools the template is given: none when tool_choice is "none"."""
+    """The tools the template is given: none when tool_choice is "none". A call cannot
+    be forced ("required", a named function): the model decides, so that is refused."""
     tools = body.get("tools") or []
     if not isinstance(tools, list):
         raise ApiError(400, "tools: a list of tools", "tools")
-    return [] if body.get("tool_choice") == "none" else tools
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, f"tool_choice: {choice!r} is not supported (auto or none: the "
+                            "model decides whether to call a tool)", "tool_choice")
+    return [] if choice == "none" else tools
 
 
 # ---- answers ---------------------------------------------------------------------------------
