@@ -1,6 +1,7 @@
-"""Helpers shared by the scheduling / KV-paging benchmarks (agent_workload.py, fairness.py,
-oversubscribe.py): boot a kernel on a short temp home and always stop it, percentiles,
-and the "goal met / not met" cell. Not a benchmark itself.
+"""Helpers shared by the benchmarks (agent_workload.py, fairness.py, oversubscribe.py,
+gateway.py): boot a kernel on a short temp home and always stop it, start an HTTP server
+and stop its whole process group, CPU used by process groups, percentiles, and the
+"goal met / not met" cell. Not a benchmark itself.
 
 A kernel's stdout and stderr go to a file in its temp dir (never a pipe nobody reads), the
 boot waits for its "listening on" line, and `kernel()` stops it (SIGTERM, then SIGKILL)
@@ -13,10 +14,12 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,3 +145,79 @@ def close_all(conns) -> None:
             c.close()
         except Exception:       # noqa: BLE001 — a benchmark's cleanup must go on
             pass
+
+
+def group_cpu(pgids) -> float:
+    """CPU seconds (user + system) used so far by the live processes of these process
+    groups (a kernel or server started in a session of its own: its pid)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue                     # gone meanwhile
+        if int(fields[2]) in pgids:      # fields: state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_server(argv: list[str], health_url: str, log: Path, *, env: dict | None = None,
+                timeout: float = BOOT_TIMEOUT, label: str = "server"):
+    """Start argv (output to `log`) in a session of its own; yield its Popen once GET
+    health_url answers 200. On leaving, the whole process group (a server's workers too)
+    gets SIGTERM, then SIGKILL. Raises BootFailed with the log's tail if it exits or does
+    not answer within `timeout` s."""
+    proc = None
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not _answers(health_url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with status {proc.returncode}" if proc.poll() is not None
+                       else f"no answer from {health_url} in {timeout:.0f} s")
+                raise BootFailed(f"{label} {why}: {log.read_text()[-1500:]}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        if proc is not None:
+            _stop_group(proc)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to proc's process group; SIGKILL to whatever of it is left after STOP_TIMEOUT."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _group_alive(proc) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(STOP_TIMEOUT)
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    if proc.poll() is None:
+        return True
+    try:
+        os.killpg(proc.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
