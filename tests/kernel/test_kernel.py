@@ -6,6 +6,8 @@ before the first step, a death with work queued, a long text still being tokeniz
 """
 from __future__ import annotations
 
+import contextlib
+
 import signal
 import socket
 import threading
@@ -74,18 +76,28 @@ def engine():
     return Engine.from_pretrained("tiny", num_blocks=64, poison=True)
 
 
-@pytest.fixture
-def k(tmp_path, engine):
+@contextlib.contextmanager
+def stepped_kernel(tmp_path, engine, name: str, path):
+    """A Supervisor on engine (default model `name`, from path), driven by hand:
+    tokenizing waits on a ManualPool, answers land in an Outbox. Shut down on leaving."""
     home = Home(tmp_path / "home")
     home.log_dir.mkdir(parents=True)
-    kern = supervisor(home, engine, "tiny", EMBEDDED["tiny"], TOKEN)
+    kern = supervisor(home, engine, name, path, TOKEN)
     kern.tokenizers = ManualPool()
     kern.outbox = Outbox()
-    yield kern
-    kern.loop.start()                          # so the deaths of shutdown are released
-    kern.procs.shutdown(grace=1)
-    kern.loop.stop()
-    kern.close()
+    try:
+        yield kern
+    finally:
+        kern.loop.start()                      # so the deaths of shutdown are released
+        kern.procs.shutdown(grace=1)
+        kern.loop.stop()
+        kern.close()
+
+
+@pytest.fixture
+def k(tmp_path, engine):
+    with stepped_kernel(tmp_path, engine, "tiny", EMBEDDED["tiny"]) as kern:
+        yield kern
     for rid in list(engine.requests):          # the engine is shared by the module
         engine.abort(rid)
     for cid in list(engine.contexts):

@@ -14,11 +14,9 @@ import pytest
 from llmos.kernel import Engine, tunables
 from llmos.kernel.load import EMBEDDED
 from llmos.syscalls import Sys
-from llmos.syscalls.home import Home
 from llmos.syscalls.types import MemInfo, Metrics, ProcMetrics
-from tests.kernel.engines import supervisor
 from tests.kernel.test_containment import Broken
-from tests.kernel.test_kernel import TOKEN, ManualPool, Outbox, answer, call, conn, run
+from tests.kernel.test_kernel import answer, call, conn, run, stepped_kernel
 from tests.kernels import running_kernel, until
 
 T = 60
@@ -29,16 +27,8 @@ FIVE = dict(max_tokens=5, ignore_eos=True)        # greedy, exactly five tokens
 @pytest.fixture
 def k(tmp_path):
     engine = Engine.from_pretrained("tiny", num_blocks=64, poison=True)
-    home = Home(tmp_path / "home")
-    home.log_dir.mkdir(parents=True)
-    kern = supervisor(home, engine, "tiny", EMBEDDED["tiny"], TOKEN)
-    kern.tokenizers = ManualPool()
-    kern.outbox = Outbox()
-    yield kern
-    kern.loop.start()                          # so the deaths of shutdown are released
-    kern.procs.shutdown(grace=1)
-    kern.loop.stop()
-    kern.close()
+    with stepped_kernel(tmp_path, engine, "tiny", EMBEDDED["tiny"]) as kern:
+        yield kern
 
 
 def metrics(k, c) -> Metrics:

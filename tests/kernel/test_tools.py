@@ -20,9 +20,7 @@ from llmos.kernel.errors import EngineError
 from llmos.kernel.registry import ModelSpec
 from llmos.kernel.tokenizer import Tokenizer
 from llmos.syscalls import Sys
-from llmos.syscalls.home import Home
-from tests.kernel.engines import supervisor
-from tests.kernel.test_kernel import TOKEN, ManualPool, Outbox, answer, call, conn, run
+from tests.kernel.test_kernel import answer, call, conn, run, stepped_kernel
 
 HERMES = (
     "{%- if tools %}"
@@ -144,16 +142,8 @@ def test_tool_format_comes_from_the_template(hermes, checkpoints):
 @pytest.fixture
 def k(tmp_path, hermes):
     engine = Engine.from_pretrained(str(hermes), num_blocks=128, poison=True)
-    home = Home(tmp_path / "home")
-    home.log_dir.mkdir(parents=True)
-    kern = supervisor(home, engine, "hermes", hermes, TOKEN)
-    kern.tokenizers = ManualPool()
-    kern.outbox = Outbox()
-    yield kern
-    kern.loop.start()
-    kern.procs.shutdown(grace=1)
-    kern.loop.stop()
-    kern.close()
+    with stepped_kernel(tmp_path, engine, "hermes", hermes) as kern:
+        yield kern
 
 
 def queued(k):

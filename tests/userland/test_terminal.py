@@ -56,6 +56,13 @@ class Tmux:
         return subprocess.run(["tmux", "-L", self.socket, "has-session", "-t", "t"],
                               capture_output=True, timeout=T).returncode != 0
 
+    def ends(self, what: str) -> None:
+        """Wait (up to T s) until the program in the window exits."""
+        deadline = time.monotonic() + T
+        while not self.ended():
+            assert time.monotonic() < deadline, f"{what} did not exit:\n{self.screen()}"
+            time.sleep(0.2)
+
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=T)
 
@@ -101,10 +108,7 @@ def test_a_person_runs_three_agents_watches_them_stops_one_chats_and_leaves(term
     for n in (1, 2, 3):
         sh.shows(rf"\[{n}\].? Killed \(SIGTERM\)\s+pid \d+ run --name agent{n}")
     sh.keys("C-d")
-    deadline = time.monotonic() + T
-    while not sh.ended():
-        assert time.monotonic() < deadline, f"the shell did not exit on Ctrl-D:\n{sh.screen()}"
-        time.sleep(0.2)
+    sh.ends("the shell, on Ctrl-D,")
 
 
 def test_top_in_a_terminal_shows_the_table_and_quits_on_q(terminal):
@@ -114,7 +118,4 @@ def test_top_in_a_terminal_shows_the_table_and_quits_on_q(terminal):
     top.line("top")                                  # filter: only top's own process
     top.shows(r"filter 'top'")
     top.keys("q")
-    deadline = time.monotonic() + T
-    while not top.ended():
-        assert time.monotonic() < deadline, f"top did not quit on q:\n{top.screen()}"
-        time.sleep(0.2)
+    top.ends("top, on q,")

@@ -27,6 +27,11 @@ def BUILTINS():
     """The shell's commands."""
 
 
+def show(sh, data, as_json: bool, text) -> None:
+    """A listing: text(data), or with --json the data as JSON (listing.py)."""
+    sh.echo(listing.to_json(data) if as_json else text(data))
+
+
 def builtin(**kwargs):
     return BUILTINS.command(context_settings=SETTINGS | kwargs.pop("context_settings", {}),
                             **kwargs)
@@ -181,8 +186,7 @@ def logs(sh, target, follow_):
 @pass_shell
 def ps(sh, long_, as_json):
     """List the kernel's processes (the shell is one of them)."""
-    procs = sh.k.ps()
-    sh.echo(listing.to_json(procs) if as_json else listing.ps_text(procs, long_))
+    show(sh, sh.k.ps(), as_json, lambda procs: listing.ps_text(procs, long_))
 
 
 @builtin()
@@ -205,8 +209,7 @@ def top(sh, batch, iterations, delay, as_json):
 @pass_shell
 def mem(sh, as_json):
     """KV memory: blocks in the pool, in swap, per process and per model."""
-    info = sh.k.meminfo()
-    sh.echo(listing.to_json(info) if as_json else listing.mem_text(info))
+    show(sh, sh.k.meminfo(), as_json, listing.mem_text)
 
 
 @builtin()
@@ -224,8 +227,7 @@ def models(sh, action, name, as_json):
     elif action == "unload":
         sh.k.model_unload(name)
     else:
-        found = sh.k.models()
-        sh.echo(listing.to_json(found) if as_json else listing.models_text(found))
+        show(sh, sh.k.models(), as_json, listing.models_text)
 
 
 @builtin()
@@ -234,8 +236,7 @@ def models(sh, action, name, as_json):
 @pass_shell
 def sched(sh, policy, as_json):
     """List the scheduling policies (* in force); with POLICY, switch to it."""
-    info = sh.k.sched(policy)
-    sh.echo(listing.to_json(info) if as_json else listing.sched_text(info))
+    show(sh, sh.k.sched(policy), as_json, listing.sched_text)
 
 
 @builtin(help="Show the limits of a process (PID or job %N; default: the kernel's defaults); "
@@ -249,7 +250,7 @@ def limit(sh, args, as_json):
     if settings and pid is None:
         raise click.UsageError("which process? give its PID before NAME=VALUE")
     limits = sh.k.setrlimit(pid, **settings) if settings else sh.k.getrlimit(pid)
-    sh.echo(listing.to_json(limits) if as_json else listing.limits_text(limits))
+    show(sh, limits, as_json, listing.limits_text)
 
 
 @builtin()
@@ -257,8 +258,7 @@ def limit(sh, args, as_json):
 @pass_shell
 def sysinfo(sh, as_json):
     """The kernel: release, driver, device, model, uptime and counters."""
-    info = sh.k.sysinfo()
-    sh.echo(listing.to_json(info) if as_json else listing.sysinfo_text(info))
+    show(sh, sh.k.sysinfo(), as_json, listing.sysinfo_text)
 
 
 # ---- the shell ---------------------------------------------------------------------------
