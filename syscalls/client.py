@@ -28,7 +28,7 @@ from collections import deque
 import zmq
 
 from . import wire
-from .errors import ECANCELED, EINVAL, CallTimeout, KernelDead, SyscallError
+from .errors import EACCES, ECANCELED, EINVAL, CallTimeout, KernelDead, SyscallError
 from .numbers import Sys
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
@@ -39,10 +39,11 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
 
 class _Slot:
     """One call's mailbox (guarded by Connection._cond)."""
-    __slots__ = ("id", "events", "done", "ok", "body")
+    __slots__ = ("id", "nr", "events", "done", "ok", "body")
 
-    def __init__(self, cid):
-        self.id, self.events, self.done, self.ok, self.body = cid, deque(), False, False, None
+    def __init__(self, cid, nr):
+        self.id, self.nr, self.events, self.done, self.ok, self.body = \
+            cid, nr, deque(), False, False, None
 
 
 class CallHandle:
@@ -216,7 +217,7 @@ class Connection:
             frame = wire.encode_request(cid, nr, args)
         except (TypeError, ValueError, OverflowError) as e:
             raise SyscallError(EINVAL, f"arguments cannot be encoded: {e}") from None
-        slot = _Slot(cid)
+        slot = _Slot(cid, nr)
         with self._cond:
             if self._dead:
                 raise KernelDead(self._dead)
@@ -271,6 +272,12 @@ class Connection:
         if slot.ok:
             return slot.body
         if slot.body is _DEAD:
+            raise KernelDead(self._dead)
+        if slot.body[0] == EACCES and self.hello is not None and slot.nr != Sys.HELLO:
+            # Past hello, EACCES means "say hello first": a kernel started anew on the same
+            # endpoint (zmq reconnected to it) does not know this connection.
+            with self._cond:
+                self._dead = self._dead or "the kernel restarted; connect() again"
             raise KernelDead(self._dead)
         raise SyscallError(*slot.body)
 

@@ -874,3 +874,26 @@ def test_stream_cancel_from_another_thread_wakes_the_reader_and_frees_the_contex
             assert ctx.generate("12+47=", max_tokens=4).finish_reason in ("stop", "length")
     finally:
         k.setrlimit(k.pid, tokens_per_s="unlimited")
+
+
+def test_a_call_to_a_kernel_started_anew_is_kernel_dead_not_eacces(own_kernel):
+    """zmq takes an idle connection to a kernel started again on the same home; that
+    kernel does not know it ("say hello first", EACCES). The SDK says what happened:
+    KernelDead, so a caller knows to connect() again."""
+    from tests.kernels import start_kernel, stop_kernel
+    home, proc = own_kernel
+    k = connect(home, timeout=T)
+    try:
+        k.ps()
+        stop_kernel(proc)
+        again = start_kernel(home)
+        try:
+            with pytest.raises(KernelDead):
+                k.ps()
+            assert not k.alive
+            with connect(home, timeout=T) as fresh:
+                assert fresh.ps()
+        finally:
+            stop_kernel(again)
+    finally:
+        k.close()

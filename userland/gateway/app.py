@@ -105,13 +105,19 @@ class Gateway:
             raise ApiError(503, f"the kernel is not available: {e.msg}") from None
 
     async def call(self, name: str, fn, *args):
-        """fn(k, *args) with process `name`'s Kernel k, off the event loop; kernel errors
-        as ApiError (a kernel gone: 503, and the next call connects again)."""
-        k = await self.kernel(name)
-        try:
-            return await anyio.to_thread.run_sync(partial(fn, k, *args))
-        except SyscallError as e:
-            raise self.failed(name, k, e) from None
+        """fn(k, *args) with process `name`'s Kernel k, off the event loop (fn only reads:
+        it is tried again on a new connection when the kernel was found gone, e.g.
+        restarted); kernel errors as ApiError (a kernel still gone: 503)."""
+        for again in (False, True):
+            k = await self.kernel(name)
+            try:
+                return await anyio.to_thread.run_sync(partial(fn, k, *args))
+            except KernelDead as e:
+                self.clients.dead(name, k)
+                if again:
+                    raise ApiError(503, f"the kernel went away: {e.msg}") from None
+            except SyscallError as e:
+                raise ApiError.of(e) from None
 
     def failed(self, name: str, k, e: SyscallError) -> ApiError:
         """The answer to a kernel error; a dead kernel's connection is dropped."""
@@ -130,11 +136,9 @@ class Gateway:
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         ask = make_ask(body)
-        k = await self.kernel(name)
-        run = Running(k.generate(**ask.source, model=ask.model, stream=True, **ask.sampling))
+        k, run, first = await self._start(request, name, ask)
         handed = False
         try:
-            first = await self._next(request, run)    # errors before the first token: a status
             fmt = await self._tool_format(name, ask) if ask.tools else ""  # loaded by now
             if ask.stream:
                 self.metrics.answered(request.url.path, 200)     # the status line goes now
@@ -153,6 +157,25 @@ class Gateway:
         finally:
             if not handed:
                 run.cancel()                       # a client gone, an error: not left running
+
+    async def _start(self, request: Request, name: str, ask):
+        """(k, run, its first delta) of ask's generate. A kernel found gone before the first
+        token (restarted: zmq took the connection to the new one) is connected to again
+        and the generate sent once more: the old kernel never answered it. Errors before
+        the first token are an ApiError (a status, not a broken stream)."""
+        for again in (False, True):
+            k = await self.kernel(name)
+            run = Running(k.generate(**ask.source, model=ask.model, stream=True, **ask.sampling))
+            try:
+                return k, run, await self._next(request, run)
+            except KernelDead as e:
+                run.cancel()
+                self.clients.dead(name, k)
+                if again:
+                    raise ApiError(503, f"the kernel went away: {e.msg}") from None
+            except SyscallError as e:
+                run.cancel()
+                raise ApiError.of(e) from None
 
     async def _next(self, request: Request, run: "Running"):
         """run's next delta, cancelling it if the client goes away meanwhile (it may wait
