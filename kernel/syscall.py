@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 from llmos.syscalls import wire
 from llmos.syscalls.errors import (EACCES, EAGAIN, ECANCELED, EIO, ENOMEM, ENOSYS, EPERM,
-                                   SyscallError)
+                                   NOT_HELLOED, SyscallError)
 from llmos.syscalls.numbers import Sys, sys_name
 from llmos.syscalls.specs import SPECS
 from llmos.syscalls.types import to_wire
@@ -182,7 +182,7 @@ class SyscallTable:
             return
         if not call.conn.authenticated and call.nr not in OPEN_BEFORE_HELLO:
             _guest_errors.note(f"{e.name} before hello")
-            self.refuse(call, EACCES, f"{e.name}: say hello first")
+            self.refuse(call, EACCES, f"{e.name}: {NOT_HELLOED}")
             return
         try:
             if call.conn.authenticated and self.check_caller is not None:

@@ -28,7 +28,7 @@ from collections import deque
 import zmq
 
 from . import wire
-from .errors import EACCES, ECANCELED, EINVAL, CallTimeout, KernelDead, SyscallError
+from .errors import EACCES, ECANCELED, EINVAL, NOT_HELLOED, CallTimeout, KernelDead, SyscallError
 from .numbers import Sys
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enums cost µs
@@ -273,9 +273,10 @@ class Connection:
             return slot.body
         if slot.body is _DEAD:
             raise KernelDead(self._dead)
-        if slot.body[0] == EACCES and self.hello is not None and slot.nr != Sys.HELLO:
-            # Past hello, EACCES means "say hello first": a kernel started anew on the same
-            # endpoint (zmq reconnected to it) does not know this connection.
+        if slot.body[0] == EACCES and str(slot.body[1]).endswith(NOT_HELLOED) \
+                and self.hello is not None:
+            # A kernel started anew on the same endpoint (zmq reconnected to it) does not
+            # know this connection, which said hello to the one before.
             with self._cond:
                 self._dead = self._dead or "the kernel restarted; connect() again"
             raise KernelDead(self._dead)
@@ -355,6 +356,9 @@ class Connection:
         except zmq.Again:
             if flags:
                 return                   # a ping that did not fit: silence will tell
+            if self._handshake is not None and self._handshake.poll(0):
+                self._handshake_failed()         # why it blocked: the kernel refused us
+                return
 
             with self._cond:
                 self._fail_all(f"kernel at {self.endpoint} is not taking messages")

@@ -10,6 +10,9 @@ EINVAL = "EINVAL"        # bad or missing argument; the message names it
 E2BIG = "E2BIG"          # a message, string or list over its limit
 EPROTO = "EPROTO"        # not a v1 message: undecodable, wrong version, bad header
 EACCES = "EACCES"        # not authenticated: no successful hello yet, or a wrong token
+# The kernel's words for a call on a connection that has not said hello: a client that
+# did say hello gets them only from a kernel started anew on the same endpoint.
+NOT_HELLOED = "say hello first"
 EPERM = "EPERM"          # authenticated, but not allowed
 ESRCH = "ESRCH"          # no such process or context
 ENOENT = "ENOENT"        # no such model (or other named thing)
