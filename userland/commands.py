@@ -8,7 +8,6 @@ aligned columns, or one JSON document with --json (userland/listing.py).
 """
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
@@ -17,101 +16,13 @@ import time
 import click
 
 from llmos.userland import listing
+from llmos.userland.cmdline import (DURATION, INTERRUPTED, alive, client, connect_home,
+                                    copy_new, exit_code, program_argv, proc_name, sdk_errors,
+                                    signal_arg)
 from llmos.userland.kernelctl import LIMIT_HELP, check_limits
 
-HOME_HELP = "The kernel's home (default: $LLMOS_HOME, else ~/.llmos)."
 FOLLOW_POLL = 0.1         # seconds between reads of a followed log
 ALIVE_POLL = 1.0          # seconds between `logs -f` checks that the process still runs
-INTERRUPTED = 130         # exit status of a `run` the user stopped with Ctrl-C (128 + SIGINT)
-
-
-def client(fn):
-    """Add --home to a command and turn SDK errors into a one-line error (exit 1)."""
-    return click.option("--home", default=None, help=HOME_HELP)(sdk_errors(fn))
-
-
-def sdk_errors(fn):
-    """Turn SDK errors into a one-line error (exit 1)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from llmos.userland.sdk import KernelNotRunning, SyscallError
-        try:
-            return fn(*args, **kwargs)
-        except KernelNotRunning as e:
-            raise click.ClickException(e.msg) from None
-        except SyscallError as e:
-            raise click.ClickException(error_line(e)) from None
-    return wrapper
-
-
-def error_line(e) -> str:
-    """An SDK error as one line: "ESRCH: no process 9"."""
-    return f"{e.code}: {e.msg}" if e.msg else e.code
-
-
-def signal_arg(text: str) -> str | int:
-    """A signal as people write it (TERM, sigterm, 15) as kill() takes it."""
-    sig = text.strip().upper().removeprefix("SIG")
-    return int(sig) if sig.isdigit() else sig
-
-
-class Duration(click.ParamType):
-    """A duration as people write it: 300, 30s, 5m, 1h; -1 for ever."""
-    name = "duration"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        from llmos.syscalls.args import duration
-        try:
-            return duration(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-DURATION = Duration()
-
-
-def _connect(home):
-    """The kernel of home, attached as a process named after the command (ps shows `top`)."""
-    from llmos.userland import connect
-    ctx = click.get_current_context(silent=True)
-    return connect(home, name=ctx.command_path.removeprefix("llmos ") if ctx else None)
-
-
-def exit_code(status) -> int:
-    """A shell's exit code for a process status: 128+N when killed by signal N."""
-    if status is None:
-        return 1
-    if status < 0:
-        return 128 - status
-    return status if status <= 255 else 1
-
-
-def program_argv(program: str, args, module: bool = False) -> list[str]:
-    """The argv that runs PROGRAM ARGS: a module (-m) or a .py file with this Python; a
-    path is made absolute (the kernel's cwd differs)."""
-    if module:
-        return [sys.executable, "-m", program, *args]
-    if os.sep in program and os.path.exists(program):
-        program = os.path.abspath(program)
-    if program.endswith(".py"):
-        return [sys.executable, program, *args]
-    return [program, *args]
-
-
-def proc_name(program: str, module: bool) -> str:
-    """What ps calls a program run without --name: a file's name, a module's last part."""
-    return program.rsplit(".", 1)[-1] if module else os.path.basename(program)
-
-
-def _copy_new(f, out) -> bool:
-    """Copy what was appended to f since the last call; True if anything was."""
-    data = f.read()
-    if data:
-        out.write(data)
-        out.flush()
-    return bool(data)
 
 
 @click.command(context_settings={"ignore_unknown_options": True,
@@ -132,7 +43,7 @@ def run(program, args, detach, name, nice, module, limits, home) -> None:
     Follows its output and exits with its status; Ctrl-C sends it INT (twice: KILL), waits
     for it and exits 130.
     """
-    k = _connect(home)
+    k = connect_home(home)
     argv = program_argv(program, args, module)
     pid = k.spawn(argv, name=name or proc_name(program, module), nice=nice, limits=limits or None)
     if detach:
@@ -158,7 +69,7 @@ def _follow(k, pid: int) -> tuple[int | None, bool]:
             if f is None and path is not None and path.exists():
                 f = open(path, "rb")
             if f is not None:
-                _copy_new(f, sys.stdout.buffer)
+                copy_new(f, sys.stdout.buffer)
             if done.exited:
                 return done.status, bool(interrupts)
             if len(interrupts) > sent:
@@ -190,7 +101,7 @@ def _signal_unless_gone(k, pid: int, sig: str) -> None:
 @client
 def ps(long, as_json, home) -> None:
     """List the kernel's processes."""
-    procs = _connect(home).ps()
+    procs = connect_home(home).ps()
     click.echo(listing.to_json(procs) if as_json else listing.ps_text(procs, long))
 
 
@@ -201,7 +112,7 @@ def ps(long, as_json, home) -> None:
 @client
 def kill(sig, pids, home) -> None:
     """Send a signal to processes (the owner may signal any process)."""
-    k = _connect(home)
+    k = connect_home(home)
     for pid in pids:
         k.kill(pid, signal_arg(sig))
 
@@ -214,7 +125,7 @@ def kill(sig, pids, home) -> None:
 def wait(pid, timeout, home) -> None:
     """Wait for PID to exit (any process: you are its owner); print its status and exit
     with it (128+N when killed by signal N)."""
-    done = _connect(home).wait_status(pid, timeout=timeout)
+    done = connect_home(home).wait_status(pid, timeout=timeout)
     if not done.exited:
         raise click.ClickException(f"pid {pid} is still running after {timeout:g}s")
     if done.status is None:
@@ -234,30 +145,23 @@ def logs(pid, follow, home) -> None:
     path = Home(home).proc_log(pid)
     if not path.exists():
         raise click.ClickException(f"no log for pid {pid} ({path})")
-    k = _connect(home) if follow else None
+    k = connect_home(home) if follow else None
     with open(path, "rb") as f:
-        _copy_new(f, sys.stdout.buffer)
+        copy_new(f, sys.stdout.buffer)
         if not follow:
             return
         try:
             checked = time.monotonic()
             while True:
-                if not _copy_new(f, sys.stdout.buffer):
+                if not copy_new(f, sys.stdout.buffer):
                     time.sleep(FOLLOW_POLL)
                 if time.monotonic() - checked > ALIVE_POLL:
                     checked = time.monotonic()
-                    if not _alive(k, pid):
-                        _copy_new(f, sys.stdout.buffer)
+                    if not alive(k, pid):
+                        copy_new(f, sys.stdout.buffer)
                         return
         except KeyboardInterrupt:
             sys.exit(INTERRUPTED)
-
-
-def _alive(k, pid: int) -> bool:
-    """pid is in the process table and not a zombie (asking, not waiting: a wait would
-    collect it from under its parent)."""
-    from llmos.syscalls.types import ProcState
-    return any(p.pid == pid and p.state != ProcState.ZOMBIE for p in k.ps())
 
 
 @click.command()
@@ -265,7 +169,7 @@ def _alive(k, pid: int) -> bool:
 @client
 def mem(as_json, home) -> None:
     """Show KV memory: blocks in the pool, in swap, and per process."""
-    info = _connect(home).meminfo()
+    info = connect_home(home).meminfo()
     click.echo(listing.to_json(info) if as_json else listing.mem_text(info))
 
 
@@ -277,7 +181,7 @@ def models(ctx, as_json, home) -> None:
     """List the models: loaded, loading and registered (subcommands change them)."""
     ctx.obj = home
     if ctx.invoked_subcommand is None:
-        found = _connect(home).models()
+        found = connect_home(home).models()
         click.echo(listing.to_json(found) if as_json else listing.models_text(found))
 
 
@@ -294,7 +198,7 @@ def models(ctx, as_json, home) -> None:
 @sdk_errors
 def models_add(home, name, path, dtype, quantize, keep_alive) -> None:
     """Register NAME for the model directory or .gguf file PATH (owner)."""
-    m = _connect(home).model_add(name, os.path.abspath(path), dtype, quantize, keep_alive)
+    m = connect_home(home).model_add(name, os.path.abspath(path), dtype, quantize, keep_alive)
     click.echo(f"{m.name}: {m.path} ({m.model_type or 'model'}, {m.layers} layers)")
 
 
@@ -304,7 +208,7 @@ def models_add(home, name, path, dtype, quantize, keep_alive) -> None:
 @sdk_errors
 def models_rm(home, name) -> None:
     """Forget the registered name NAME (owner; a loaded model stays loaded)."""
-    _connect(home).model_rm(name)
+    connect_home(home).model_rm(name)
 
 
 @models.command("load")
@@ -315,7 +219,7 @@ def models_rm(home, name) -> None:
 @sdk_errors
 def models_load(home, name, keep_alive) -> None:
     """Load model NAME now (owner): a registered name, a directory, a .gguf file, tiny."""
-    m = _connect(home).model_load(name, keep_alive)
+    m = connect_home(home).model_load(name, keep_alive)
     click.echo(f"{m.name}: loaded in {m.load_seconds:.2f} s, {listing.size(m.weight_bytes)} "
                f"of weights, {m.kv_blocks} KV blocks ({listing.size(m.kv_bytes)})")
 
@@ -326,7 +230,7 @@ def models_load(home, name, keep_alive) -> None:
 @sdk_errors
 def models_unload(home, name) -> None:
     """Unload model NAME now (owner; refused while a request or context uses it)."""
-    _connect(home).model_unload(name)
+    connect_home(home).model_unload(name)
 
 
 @click.command()
@@ -334,7 +238,7 @@ def models_unload(home, name) -> None:
 @client
 def sysinfo(as_json, home) -> None:
     """Show the kernel: release, driver, device, model, uptime and engine counters."""
-    info = _connect(home).sysinfo()
+    info = connect_home(home).sysinfo()
     click.echo(listing.to_json(info) if as_json else listing.sysinfo_text(info))
 
 
@@ -343,7 +247,7 @@ def sysinfo(as_json, home) -> None:
 @client
 def syscalls(as_json, home) -> None:
     """List the kernel's syscall table: number, name, implemented, arguments."""
-    table = _connect(home).syscalls()
+    table = connect_home(home).syscalls()
     click.echo(listing.to_json(table) if as_json else listing.syscalls_text(table))
 
 
@@ -353,7 +257,7 @@ def syscalls(as_json, home) -> None:
 @client
 def sched(policy, as_json, home) -> None:
     """List the scheduling policies, the one in force marked *; with POLICY, switch to it."""
-    info = _connect(home).sched(policy)
+    info = connect_home(home).sched(policy)
     click.echo(listing.to_json(info) if as_json else listing.sched_text(info))
 
 
@@ -369,7 +273,7 @@ def limit(args, as_json, home) -> None:
     settings = check_limits(args[1:] if pid is not None else args)
     if settings and pid is None:
         raise click.UsageError("which process? give its PID before NAME=VALUE")
-    k = _connect(home)
+    k = connect_home(home)
     limits = k.setrlimit(pid, **settings) if settings else k.getrlimit(pid)
     click.echo(listing.to_json(limits) if as_json else listing.limits_text(limits))
 

@@ -25,7 +25,7 @@ import psutil
 
 from llmos.syscalls.types import ProcState, to_wire
 from llmos.userland import listing
-from llmos.userland.commands import _connect, client
+from llmos.userland.cmdline import client, connect_home
 
 TOP_HEADER = ["PID", "PPID", "STATE", "NI", "KV", "KV_SWAP", "TOK/S_IN", "TOK/S_OUT", "TOK_IN",
               "TOK_OUT", "CALLS", "CPU%", "RSS", "AGE", "NAME"]
@@ -283,7 +283,7 @@ def top(batch_, iterations, delay, as_json_, home) -> None:
     live = not (batch_ or as_json_)
     if live and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise click.ClickException("the live view needs a terminal: use -b (text) or --json")
-    k = _connect(home)
+    k = connect_home(home)
     if live:
         show(k, delay)
     else:

@@ -32,7 +32,7 @@ from prompt_toolkit.layout import (BufferControl, ConditionalContainer, Formatte
 from prompt_toolkit.layout.processors import BeforeInput
 
 from llmos.syscalls import SyscallError
-from llmos.userland.commands import error_line, signal_arg
+from llmos.userland.cmdline import error_line, signal_arg
 from llmos.userland.top import Order, Rates, arrange, column, read, render
 
 HELP = "s sort  k kill  n renice  f filter  t tree  q quit"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import click
 
 from llmos.syscalls.net import is_loopback
-from llmos.userland.commands import HOME_HELP
+from llmos.userland.cmdline import HOME_HELP
 
 
 @click.command()

@@ -18,7 +18,7 @@ import sys
 
 import click
 
-from llmos.userland.commands import client
+from llmos.userland.cmdline import client
 from llmos.userland.shell.core import Shell, ShellExit, split  # noqa: F401 (the shell's API)
 
 PROMPT = "llmos> "

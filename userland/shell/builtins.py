@@ -10,8 +10,8 @@ import time
 import click
 
 from llmos.userland import listing
-from llmos.userland.commands import (INTERRUPTED, _alive, proc_name, program_argv,
-                                     signal_arg)
+from llmos.userland.cmdline import (INTERRUPTED, alive, proc_name, program_argv,
+                                    signal_arg)
 from llmos.userland.kernelctl import LIMIT_HELP, check_limits
 from llmos.userland.shell.core import ShellExit
 from llmos.userland.shell import talk
@@ -171,7 +171,7 @@ def logs(sh, target, follow_):
         raise click.ClickException(f"no log for pid {pid}")
     with open(path, "rb") as f, sh.keys.watching() as keys:
         sh.write_bytes(f.read())
-        while follow_ and _alive(sh.k, pid):
+        while follow_ and alive(sh.k, pid):
             if "c-c" in keys.poll(0.25):
                 return INTERRUPTED
             sh.write_bytes(f.read())

@@ -23,7 +23,7 @@ from contextlib import redirect_stdout
 import click
 
 from llmos.syscalls import KernelDead, SyscallError
-from llmos.userland.commands import INTERRUPTED, error_line, exit_code
+from llmos.userland.cmdline import INTERRUPTED, error_line, exit_code
 from llmos.userland.shell.foreground import Keys
 from llmos.userland.shell.jobs import JobError, JobTable
 

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from llmos.syscalls import KernelDead, SyscallError
-from llmos.userland.commands import exit_code
+from llmos.userland.cmdline import exit_code
 
 WAIT_CHUNK = 1.0        # s per wait() call of a waiter: it notices a closing shell this often
 

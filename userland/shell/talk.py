@@ -18,7 +18,7 @@ import time
 import click
 
 from llmos.syscalls import KernelDead, SyscallError
-from llmos.userland.commands import INTERRUPTED, error_line
+from llmos.userland.cmdline import INTERRUPTED, error_line
 from llmos.userland.shell.foreground import stream
 
 CHAT_HELP = """\
