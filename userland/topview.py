@@ -127,8 +127,7 @@ class TopView:
                     self.message, self._read_failed = "", False
                 self._snap, self._snap_rates = snap, self._rates.add(snap)
             self._redraw()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.delay)
+            await pause(self._wake, self.delay)
 
     def _syscall(self, done: str, fn, *args) -> None:
         """UI loop: run fn(*args) off the loop; then show `done` or its error, and refresh."""
@@ -209,6 +208,17 @@ class TopView:
             self._ask_next(then(int(text)))
         default = f" [{first}]" if first is not None else ""
         self._ask_next(Question(f"PID to {verb}{default}: ", answer))
+
+
+async def pause(event: asyncio.Event, seconds: float) -> None:
+    """Wait until event is set or seconds pass. A cancel always cancels: asyncio.wait_for
+    (Python < 3.12) returns normally when the cancel meets the event being set, so a
+    refresh loop on it outlived the view's exit and `top` hung on quitting."""
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiting}, timeout=seconds)
+    finally:
+        waiting.cancel()
 
 
 async def off_loop(fn, *args):

@@ -2,6 +2,7 @@
 kernel on the tiny model, and the pure parts of userland/top.py that arrange its table."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import threading
@@ -14,7 +15,7 @@ from llmos.syscalls.types import ProcInfo
 from llmos.userland import connect
 from llmos.userland.sdk import SyscallError
 from llmos.userland.top import SORT_KEYS, TOP_HEADER, Order, arrange, column, table
-from llmos.userland.topview import HELP, TopView
+from llmos.userland.topview import HELP, TopView, pause
 from tests.userland.test_cli_kernel import T, llmos
 from tests.userland.test_commands import eventually
 
@@ -127,6 +128,30 @@ def test_the_live_view_needs_a_terminal(kernel_home):
 
 
 # ---- the live view, on keys --------------------------------------------------------------
+
+def test_the_refresh_pause_ends_on_a_cancel_that_meets_its_wake():
+    """CI hung in quitting top: the refresh loop paused in asyncio.wait_for, which on
+    Python < 3.12 returns normally when the cancel (the view's exit) comes in the loop
+    turns between the wake being set and the pause resuming, so the loop went on and
+    app.run never returned. Cancel at every turn after a set wake: each must cancel."""
+    async def cancel_after(turns: int) -> bool:
+        wake = asyncio.Event()
+        wake.set()
+        paused = asyncio.ensure_future(pause(wake, 60))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if paused.done():
+            return True                   # the pause ended before the cancel: no race
+        paused.cancel()
+        try:
+            await paused
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    swallowed = [n for n in range(8) if not asyncio.run(cancel_after(n))]
+    assert swallowed == [], f"a cancel {swallowed} loop turns after the wake was lost"
+
 
 def test_q_quits_and_the_view_shows_top_with_the_key_help(k):
     with create_pipe_input() as keys:
