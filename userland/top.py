@@ -260,19 +260,20 @@ def batch(k, iterations: int | None, delay: float, as_json: bool, echo=click.ech
         pass
 
 
-def show(k, delay: float = 0.5, input=None, output=None) -> None:
+def show(k, delay: float = 0.5, input=None, output=None,
+         iterations: int | None = None) -> None:
     """The live view of kernel k with keys, refreshed every delay seconds, until the user
-    quits (q or Ctrl-C). input/output: prompt_toolkit's Input and Output (None: the
+    quits (q or Ctrl-C) or after `iterations` snapshots. input/output: prompt_toolkit's Input and Output (None: the
     terminal). SDK errors show on its bottom line; none is raised."""
     from llmos.userland.topview import TopView
-    TopView(k, delay, input=input, output=output).run()
+    TopView(k, delay, input=input, output=output, iterations=iterations).run()
 
 
 @click.command()
 @click.option("-b", "--batch", "batch_", is_flag=True,
               help="Plain text snapshots, one after another.")
 @click.option("-n", "--iterations", type=click.IntRange(min=1), default=None,
-              help="Stop after N snapshots, with -b or --json (default: until Ctrl-C).")
+              help="Stop after N snapshots (default: until q or Ctrl-C).")
 @click.option("-d", "--delay", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
               help="Seconds between snapshots.")
 @click.option("--json", "as_json_", is_flag=True, help="One JSON object per snapshot, a line each.")
@@ -285,6 +286,6 @@ def top(batch_, iterations, delay, as_json_, home) -> None:
         raise click.ClickException("the live view needs a terminal: use -b (text) or --json")
     k = connect_home(home)
     if live:
-        show(k, delay)
+        show(k, delay, iterations=iterations)
     else:
         batch(k, iterations, delay, as_json_)

@@ -47,10 +47,12 @@ class Question:
 
 
 class TopView:
-    """The live view of kernel k. run() blocks until the user quits."""
+    """The live view of kernel k. run() blocks until the user quits, or until it has shown
+    `iterations` snapshots (each for delay seconds) if that is not None."""
 
-    def __init__(self, k, delay: float = 0.5, input=None, output=None):
-        self.k, self.delay = k, delay
+    def __init__(self, k, delay: float = 0.5, input=None, output=None,
+                 iterations: int | None = None):
+        self.k, self.delay, self.iterations = k, delay, iterations
         # UI loop only:
         self.order = Order()
         self.question: Question | None = None
@@ -108,7 +110,7 @@ class TopView:
     # ---- running -----------------------------------------------------------------------
 
     def run(self) -> None:
-        """Show the view until q or Ctrl-C. Returns at once then, even with a syscall in
+        """Show the view until q, Ctrl-C or the last iteration. Returns at once then, even with a syscall in
         flight (its thread ends when the kernel answers)."""
         psutil.cpu_percent(None)                     # primes the host CPU figure
         self.app.run(pre_run=lambda: self.app.create_background_task(self._refresh()))
@@ -116,7 +118,8 @@ class TopView:
     async def _refresh(self) -> None:
         """UI loop: read a snapshot off the loop, show it; again after delay or a wake."""
         self._wake = asyncio.Event()
-        while True:
+        shown = 0
+        while self.iterations is None or shown < self.iterations:
             self._wake.clear()
             try:
                 snap = await off_loop(read, self.k)
@@ -126,8 +129,10 @@ class TopView:
                 if self._read_failed:
                     self.message, self._read_failed = "", False
                 self._snap, self._snap_rates = snap, self._rates.add(snap)
+                shown += 1
             self._redraw()
             await pause(self._wake, self.delay)
+        self.app.exit()
 
     def _syscall(self, done: str, fn, *args) -> None:
         """UI loop: run fn(*args) off the loop; then show `done` or its error, and refresh."""

@@ -169,6 +169,21 @@ def test_q_quits_and_the_view_shows_top_with_the_key_help(k):
     assert not thread.is_alive()
 
 
+def test_n_iterations_end_the_live_view_by_itself(k):
+    """-n N ends the live view after N snapshots, as top's -n does (it was ignored)."""
+    with create_pipe_input() as keys:
+        view = TopView(k, 0.1, input=keys, output=DummyOutput(), iterations=2)
+        thread = threading.Thread(target=view.run, daemon=True)
+        thread.start()
+        thread.join(T)
+        alive = thread.is_alive()
+        if alive:
+            keys.send_text("q")
+            thread.join(T)
+    assert not alive, "the view did not end after its 2 snapshots"
+    assert row(view, k.pid), "the view showed no table"
+
+
 def test_k_sends_the_signal_asked_to_the_pid_asked(k):
     with sleeper(k) as pid, live(k) as (view, keys):
         eventually(lambda: row(view, pid), "the sleeper in the table")
