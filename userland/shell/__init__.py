@@ -81,7 +81,8 @@ def shell(command, script, home) -> None:
     from prompt_toolkit.patch_stdout import patch_stdout
     history = str(k.home / "shell_history") if k.home else None
     with patch_stdout(raw=True):
-        sh = Shell(k, sys.stdout, create_input(), create_output(), tty=True)
+        sh = Shell(k, sys.stdout, create_input(), create_output(), tty=True,
+                   reconnect=lambda: connect(home, name="shell"))
         status = repl(sh, history)
-    k.close()
+    sh.k.close()
     sys.exit(status)

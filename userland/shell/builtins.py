@@ -199,7 +199,7 @@ def top(sh, batch, iterations, delay, as_json):
     """The live view of processes, tokens/s, KV and models (q quits; keys: s k n f t)."""
     from llmos.userland import top as view
     if sh.tty and not (batch or as_json):
-        view.show(sh.k, delay, input=sh.input, output=sh.output)
+        view.show(sh.k, delay, input=sh.input, output=sh.output, iterations=iterations)
     else:          # without a terminal, one snapshot unless -n says more
         view.batch(sh.k, iterations or (None if sh.tty else 1), delay, as_json, sh.echo)
 

@@ -14,17 +14,19 @@ through echo(), which holds a lock so that lines never interleave.
 from __future__ import annotations
 
 import codecs
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
-from contextlib import redirect_stdout
+from contextlib import redirect_stdout, suppress
 
 import click
 
 from llmos.syscalls import KernelDead, SyscallError
 from llmos.userland.cmdline import INTERRUPTED, error_line, exit_code
-from llmos.userland.shell.foreground import Keys
+from llmos.userland.shell.foreground import POLL, Keys
 from llmos.userland.shell.jobs import JobError, JobTable
 
 USAGE = 2           # exit status of a command used wrongly (bash's for a builtin)
@@ -42,10 +44,13 @@ class Shell:
     """A shell on kernel connection k (an SDK Kernel). `out` gets everything the shell
     prints (a text stream); `input`/`output` are the prompt_toolkit terminal (None: no
     terminal, as in a script); `tty`: a person's terminal, which a host command (`!CMD`)
-    and top may take over."""
+    and top may take over. `reconnect`: a function that connects to the kernel anew
+    (connect()); with it, the status line connects to the next kernel when this one goes
+    away (see attach)."""
 
-    def __init__(self, k, out=None, input=None, output=None, tty: bool = False):
-        self.k, self.tty = k, tty
+    def __init__(self, k, out=None, input=None, output=None, tty: bool = False,
+                 reconnect=None):
+        self.k, self.tty, self.reconnect = k, tty, reconnect
         self.out = out or sys.stdout
         self.input, self.output = input, output
         self.keys = Keys(input)
@@ -91,6 +96,14 @@ class Shell:
             elif job.status is not None and job.status < 0:
                 self.echo(job.describe())
         return 1 if job.lost else exit_code(job.status)
+
+    def attach(self, k) -> None:
+        """Go on on connection k, a kernel started after this one's went away: what runs
+        from now on (commands, new jobs, the status line) talks to it. The old kernel's
+        jobs were lost with it (their waiters said so); the old connection is closed."""
+        old, self.k = self.k, k
+        self.jobs.k = k
+        old.close()
 
     # ---- acting on processes ----------------------------------------------------------
     def signal(self, pid: int, sig, quiet: bool = False) -> bool:
@@ -150,7 +163,8 @@ class Shell:
             self.error(f"{name}: {e}")
             return 1
         except KernelDead as e:
-            self.error(f"{name}: the kernel is gone ({e.msg}); start one with `llmos up`")
+            then = " (the shell goes on with it)" if self.reconnect else ""
+            self.error(f"{name}: the kernel is gone ({e.msg}); start one with `llmos up`{then}")
             return 1
         except SyscallError as e:
             self.error(f"{name}: {error_line(e)}")
@@ -161,16 +175,35 @@ class Shell:
         """`!CMD`: the host's shell runs CMD; on a terminal it owns the terminal meanwhile."""
         if not command.strip():
             return 0
-        try:
-            if self.tty:            # Ctrl-C reaches the command too: the terminal's group
+        if self.tty:                # Ctrl-C reaches the command too: the terminal's group
+            try:
                 return subprocess.run(command, shell=True).returncode
-            done = subprocess.run(command, shell=True, capture_output=True)
-        except KeyboardInterrupt:   # subprocess.run has killed and reaped it
-            self.keys.interrupted = True
+            except KeyboardInterrupt:   # subprocess.run has killed and reaped it
+                self.keys.interrupted = True
+                self.echo("^C")
+                return INTERRUPTED
+        # No terminal: SIGINT (Keys) sends INT to the command's process group, a second one
+        # KILL, as to a job. Polled, not awaited: the kernel may deliver the signal to any
+        # of the shell's threads, and a main thread blocked in a wait for the command
+        # would only notice it once the command ended by itself.
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        sent = 0
+        with self.keys.watching() as keys:
+            while True:
+                try:
+                    out, _ = proc.communicate(timeout=POLL)
+                    break
+                except subprocess.TimeoutExpired:
+                    for _ in keys.poll(0):
+                        sent += 1
+                        with suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGINT if sent == 1 else signal.SIGKILL)
+        self.write_bytes(out)
+        if sent:
             self.echo("^C")
             return INTERRUPTED
-        self.write_bytes(done.stdout + done.stderr)
-        return done.returncode
+        return proc.returncode
 
     def run_script(self, lines) -> int:
         """Run lines (an iterable of str) with no prompt; the last command's status. A

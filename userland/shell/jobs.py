@@ -70,7 +70,7 @@ class JobTable:
     table when its end is told."""
 
     def __init__(self, k, notify):
-        self.k, self.notify = k, notify
+        self.k, self.notify = k, notify          # k: where new jobs start (Shell.attach)
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}          # guarded by _lock
         self._clock = itertools.count(1)          # orders the jobs' touches (guarded by _lock)
@@ -79,19 +79,20 @@ class JobTable:
     def start(self, argv: list[str], name: str, command: str, background: bool,
               nice: int | None = None) -> Job:
         """Spawn argv as a child of the shell and watch it. Raises SyscallError."""
-        pid = self.k.spawn(argv, name=name, nice=nice)
+        k = self.k                               # the job lives and dies with this kernel
+        pid = k.spawn(argv, name=name, nice=nice)
         with self._lock:
             job = Job(max(self._jobs, default=0) + 1, pid, command, background,
                       touched=next(self._clock))
             self._jobs[job.id] = job
-        threading.Thread(target=self._wait, args=(job,), daemon=True,
+        threading.Thread(target=self._wait, args=(job, k), daemon=True,
                          name=f"llmos-shell-job-{job.id}").start()
         return job
 
-    def _wait(self, job: Job) -> None:
+    def _wait(self, job: Job, k) -> None:
         while not self._closed.is_set():
             try:
-                done = self.k.wait_status(job.pid, timeout=WAIT_CHUNK)
+                done = k.wait_status(job.pid, timeout=WAIT_CHUNK)
             except KernelDead as e:
                 job.lost = f"the kernel went away: {e.msg}"
                 break

@@ -1,7 +1,9 @@
 """The shell's status line (the prompt's bottom toolbar) and what completion knows of the
 kernel, both read by one thread from the kernel's snapshot (userland/top.py's read) every
 REFRESH seconds, so that drawing the prompt never waits on the kernel. When the kernel
-stops answering, it says so once, above the prompt.
+goes away, it says so once, above the prompt; then, if the shell can reconnect, it tries
+every REFRESH seconds and, once a kernel is up again (`llmos up`), the shell goes on
+with it (Shell.attach) and says so.
 """
 from __future__ import annotations
 
@@ -34,15 +36,16 @@ class StatusLine:
         from llmos.userland.top import Rates, read
         rates = Rates()
         while not self._stop.is_set():
+            if self.gone:
+                if self.sh.reconnect is None or not self._reconnect():
+                    self._stop.wait(REFRESH)
+                    continue
+                rates = Rates()
             try:
                 snap = read(self.sh.k)
             except KernelDead as e:
-                if not self.gone:
-                    self.gone = True
-                    self.text = " kernel gone"
-                    self.sh.echo(f"\n[llmos: the kernel went away ({e.msg}); `exit`, then "
-                                 f"`llmos up` and `llmos shell` again]")
-                return
+                self._went_away(e)
+                continue
             except SyscallError as e:
                 self.text = f" {e.code}: {e.msg}"
             else:
@@ -50,6 +53,28 @@ class StatusLine:
                 self.pids = [p.pid for p in snap.procs]
                 self.model_names = [m.name for m in snap.models]
             self._stop.wait(REFRESH)
+
+    def _went_away(self, e: KernelDead) -> None:
+        self.gone = True
+        if self.sh.reconnect is None:
+            self.text = " kernel gone"
+            then = "`exit`, then `llmos up` and `llmos shell` again"
+        else:
+            self.text = " kernel gone: waiting for `llmos up`"
+            then = "the shell goes on when a kernel is up again (`llmos up`)"
+        self.sh.echo(f"\n[llmos: the kernel went away ({e.msg}); {then}]")
+
+    def _reconnect(self) -> bool:
+        """Connect to a kernel started anew; True once the shell goes on with it."""
+        try:
+            k = self.sh.reconnect()
+        except SyscallError:                      # none yet (KernelNotRunning), or refused
+            return False
+        self.sh.attach(k)
+        self.gone = False
+        self.sh.echo(f"\n[llmos: connected to the kernel again; this shell is pid {k.pid} "
+                     f"now (jobs started before are no longer followed)]")
+        return True
 
     def render(self, snap, rates) -> str:
         s, kv = snap.sysinfo, snap.mem.kv
