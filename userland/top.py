@@ -263,8 +263,9 @@ def batch(k, iterations: int | None, delay: float, as_json: bool, echo=click.ech
 def show(k, delay: float = 0.5, input=None, output=None,
          iterations: int | None = None) -> None:
     """The live view of kernel k with keys, refreshed every delay seconds, until the user
-    quits (q or Ctrl-C) or after `iterations` snapshots. input/output: prompt_toolkit's Input and Output (None: the
-    terminal). SDK errors show on its bottom line; none is raised."""
+    quits (q or Ctrl-C) or after `iterations` snapshots. input/output: prompt_toolkit's
+    Input and Output (None: the terminal). SDK errors show on its bottom line; none is
+    raised."""
     from llmos.userland.topview import TopView
     TopView(k, delay, input=input, output=output, iterations=iterations).run()
 

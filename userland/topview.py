@@ -110,8 +110,8 @@ class TopView:
     # ---- running -----------------------------------------------------------------------
 
     def run(self) -> None:
-        """Show the view until q, Ctrl-C or the last iteration. Returns at once then, even with a syscall in
-        flight (its thread ends when the kernel answers)."""
+        """Show the view until q, Ctrl-C or the last iteration. Returns at once then, even
+        with a syscall in flight (its thread ends when the kernel answers)."""
         psutil.cpu_percent(None)                     # primes the host CPU figure
         self.app.run(pre_run=lambda: self.app.create_background_task(self._refresh()))
 
