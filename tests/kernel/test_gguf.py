@@ -365,7 +365,18 @@ def smollm2(tmp_path_factory):
     return path
 
 
-def test_smollm2_matches_transformers(smollm2):
+@pytest.fixture
+def transformers_reads_once(monkeypatch):
+    """transformers reads a GGUF file's fields anew for the config, the weights and the
+    tokenizer, and builds gguf's tensor name map anew for every module: about 30 s of the
+    SmolLM2 check on this machine. Here each reader and map is built once (gguf's own
+    objects, memoized; transformers' code path is unchanged)."""
+    import functools
+    monkeypatch.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+
+
+def test_smollm2_matches_transformers(smollm2, transformers_reads_once):
     """SmolLM2-135M-Instruct, Q4_1 (token_embd Q8_0): the chat prompt and the greedy answer,
     to its end of turn, are token-identical to transformers loading the same file."""
     from transformers import AutoTokenizer
