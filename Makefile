@@ -19,9 +19,11 @@ demo: $(STAMP)
 	$(BIN)/llmos demo
 
 # Two workers: most tests wait on real kernels and processes, so two share the 2 cores
-# well (about 5 min instead of 7 serially). `pytest -q tests` alone runs them serially.
+# well (three were slower: 8:39 against 7:35). A file's tests go to one worker
+# (--dist loadfile), so a module's kernel or trained model is made once, not once per
+# worker as with the default distribution. `pytest -q tests` alone runs them serially.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
