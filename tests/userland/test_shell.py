@@ -227,34 +227,25 @@ def test_history_is_kept_in_the_home_across_two_shells(kernel_home, tmp_path):
         second.close()
 
 
-def test_a_dead_kernel_is_told_above_the_prompt(own_kernel):
-    from tests.kernels import stop_kernel
-    home, proc = own_kernel
-    t = Term(home)
-    try:
-        eventually(lambda: t.sh.status_line and "| fair |" in t.sh.status_line.text,
-                   "the status line")
-        stop_kernel(proc)
-        t.out.expect(r"\[llmos: the kernel went away")
-        assert t.sh.status_line.text == " kernel gone"
-        t.type("ps\r")
-        t.out.expect(r"llmos: ps: the kernel is gone")
-    finally:
-        t.close()
-
-
-def test_the_shell_goes_on_with_a_kernel_started_again_on_its_home(own_kernel):
-    """The shell had to be left and started again after a kernel restart: now it connects
-    to the new kernel by itself, says so, and its commands and jobs go there."""
+@pytest.mark.parametrize("reconnect", [False, True], ids=["alone", "reconnecting"])
+def test_a_dead_kernel_is_told_and_the_shell_goes_on_with_the_next(own_kernel, reconnect):
+    """A kernel that goes away is told above the prompt. The shell had to be left and
+    started again after a restart: now (`llmos shell` reconnects) it connects to the new
+    kernel by itself, says so, and its commands and jobs go there."""
     from tests.kernels import start_kernel, stop_kernel
     home, proc = own_kernel
-    t = Term(home, reconnect=True)
+    t = Term(home, reconnect=reconnect)
     again = None
     try:
         eventually(lambda: t.sh.status_line and "| fair |" in t.sh.status_line.text,
                    "the status line")
         stop_kernel(proc)
-        t.out.expect(r"\[llmos: the kernel went away .*a kernel is up again")
+        t.out.expect(r"\[llmos: the kernel went away")
+        if not reconnect:
+            assert t.sh.status_line.text == " kernel gone"
+            t.type("ps\r")
+            t.out.expect(r"llmos: ps: the kernel is gone")
+            return
         assert t.sh.status_line.text == " kernel gone: waiting for `llmos up`"
         again = start_kernel(home)
         told = t.out.expect(r"\[llmos: connected to the kernel again; this shell is pid (\d+)")
