@@ -63,6 +63,13 @@ class Snapshot:
     metrics: tuple = ()                             # a ModelMetrics per READY model
 
 
+def _idle_wait(wake_in: float | None) -> float:
+    """How long the idle loop may sleep: until throttled work or a keep-alive is due, and
+    never longer than SIGNAL_POLL. When it runs on the main thread, a signal the OS gave to
+    another thread is handled only once it wakes (Python runs handlers there)."""
+    return tunables.SIGNAL_POLL if wake_in is None else min(wake_in, tunables.SIGNAL_POLL)
+
+
 class EngineLoop(Commands):
     def __init__(self, models, procs, on_crash: Callable[[BaseException], None] | None = None,
                  on_limit: Callable | None = None):
@@ -133,7 +140,7 @@ class EngineLoop(Commands):
         while True:
             if block:
                 self._publish()
-                c = self.inbox.get(timeout=self.models.wake_in())   # throttling, keep-alive
+                c = self.inbox.get(timeout=_idle_wait(self.models.wake_in()))
                 if c is None:
                     return True
                 block, deadline = False, time.monotonic() + tunables.ARRIVAL_WINDOW

@@ -11,6 +11,7 @@ KEEP_ALIVE = 300.0               # s a model loaded on demand stays loaded once 
 SWAP_FRACTION = 0.5              # host swap pool, in blocks, as a share of the device KV pool
 POISON_ENV = "LLMOS_KV_POISON"   # "1": fill freed KV blocks with NaN to expose use-after-free
 ARRIVAL_WINDOW = 0.002           # s an idle engine waits for more requests before stepping
+SIGNAL_POLL = 0.5                # s at most an idle engine loop sleeps (it acts on SIGTERM then)
 FAULT_ENV = "LLMOS_FAULT"         # "engine-crash": the engine's first step raises (tests only)
 SNAPSHOT_PERIOD = 0.05           # s between snapshots (ps, meminfo) while the engine is busy
 INLINE_TEXT = 4096               # characters tokenized on the I/O thread; longer: a worker

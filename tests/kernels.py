@@ -68,6 +68,26 @@ def running_kernel(*extra: str, **options):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def signal_a_thread(pid: int, sig: int) -> int:
+    """Send sig to one thread of process pid other than its main one, which does not block
+    it (tgkill), as the kernel may when it delivers kill(pid, sig); that thread's id.
+    A program whose main thread sleeps in a wait must still act on it."""
+    import ctypes
+    import re
+
+    def takes(tid: int) -> bool:
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        blocked = int(re.search(r"SigBlk:\s*([0-9a-f]+)", status).group(1), 16)
+        return not blocked & (1 << (sig - 1))
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    tid = next((t for t in tids if takes(t)), None)
+    assert tid is not None, f"pid {pid} has no thread but its main one that takes {sig}"
+    SYS_TGKILL = 234                                             # x86-64
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(SYS_TGKILL, pid, tid, sig) == 0, os.strerror(ctypes.get_errno())
+    return tid
+
+
 def until(fn, what: str, timeout: float = 60, every: float = 0.05):
     """Poll fn() until it returns something truthy; return that. Fails (AssertionError)
     after timeout seconds, naming what it waited for."""

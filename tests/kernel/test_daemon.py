@@ -16,7 +16,7 @@ import pytest
 
 from llmos.kernel import Engine
 from llmos.syscalls.home import Home, read_token
-from tests.kernels import start_kernel, stop_kernel
+from tests.kernels import signal_a_thread, start_kernel, stop_kernel
 from llmos.syscalls import Connection, KernelDead, Sys, SyscallError
 
 T = 60          # seconds: the bound on every wait here
@@ -170,13 +170,20 @@ def test_second_turn_on_a_context_computes_only_new_tokens(kernel):
     c.close()
 
 
-def test_sigterm_shuts_down_cleanly(own_kernel):
+@pytest.mark.parametrize("to_main", [True, False], ids=["to-the-process", "to-another-thread"])
+def test_sigterm_shuts_down_cleanly(own_kernel, to_main):
+    """SIGTERM stops the kernel and its children. The kernel may deliver the signal to any
+    thread not blocking it; given to another thread, it was acted on only when the idle
+    engine loop (the main thread) next woke: with nothing queued, never."""
     home, proc = own_kernel
     c = connect(home)
     pid = c.call(Sys.SPAWN, argv=[sys.executable, "-c", "import time; time.sleep(600)"])["pid"]
     child = next(r["os_pid"] for r in c.call(Sys.PS)["procs"] if r["pid"] == pid)
     c.close()
-    proc.send_signal(signal.SIGTERM)
+    if to_main:
+        proc.send_signal(signal.SIGTERM)
+    else:
+        signal_a_thread(proc.pid, signal.SIGTERM)
     assert proc.wait(T) == 0
     assert not home.socket_path.exists()
     with pytest.raises(ProcessLookupError):

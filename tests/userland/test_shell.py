@@ -20,7 +20,7 @@ from llmos.syscalls.types import ProcState
 from llmos.userland import connect
 from llmos.userland.shell import Shell, repl, split
 from llmos.userland.shell.complete import ShellCompleter
-from tests.kernels import ROOT
+from tests.kernels import ROOT, signal_a_thread
 from tests.userland.test_cli_kernel import T, llmos
 from tests.userland.test_commands import eventually
 
@@ -384,31 +384,13 @@ def test_nice_takes_a_negative_value_and_wait_returns_on_a_stopped_job(term, tic
     term.out.expect(r"Killed \(SIGKILL\)")
 
 
-def _sigint_thread(pid: int, main: bool) -> None:
-    """SIGINT to process pid (main) or to one of its threads other than the main one that
-    does not block it (tgkill: the kernel may pick any such thread for kill(pid))."""
-    import ctypes
-    import os
-    import signal
-    if main:
-        os.kill(pid, signal.SIGINT)
-        return
-
-    def takes_sigint(tid):
-        status = open(f"/proc/{pid}/task/{tid}/status").read()
-        blocked = int(re.search(r"SigBlk:\s*([0-9a-f]+)", status).group(1), 16)
-        return not blocked & (1 << (signal.SIGINT - 1))
-    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
-    tid = next(t for t in tids if takes_sigint(t))
-    SYS_TGKILL = 234                                        # x86-64
-    assert ctypes.CDLL(None, use_errno=True).syscall(SYS_TGKILL, pid, tid, signal.SIGINT) == 0
-
-
 @pytest.mark.parametrize("main", [True, False], ids=["to-the-process", "to-another-thread"])
 def test_sigint_ends_a_script_and_the_host_command_it_ran(kernel_home, main):
     """CI saw a SIGINT lost: the kernel gave it to one of the shell's other threads, and
     the main thread, blocked until the host command ended, noticed it only then."""
     import os
+    import signal
+
     import psutil
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
     shell = subprocess.Popen([sys.executable, "-m", "llmos.userland.cli", "shell", "--home",
@@ -418,7 +400,10 @@ def test_sigint_ends_a_script_and_the_host_command_it_ran(kernel_home, main):
         eventually(lambda: any("sleep" in " ".join(c.cmdline())
                                for c in psutil.Process(shell.pid).children(recursive=True)),
                    "the host command runs")
-        _sigint_thread(shell.pid, main)
+        if main:
+            shell.send_signal(signal.SIGINT)
+        else:
+            signal_a_thread(shell.pid, signal.SIGINT)
         out, _ = shell.communicate(timeout=T)
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):
