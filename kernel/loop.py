@@ -10,12 +10,14 @@ thread on 2 cores. Tests may `start` it on a thread of its own.
 One turn of the loop:
   1. take the commands waiting in the inbox, in arrival order, and apply each
      (kernel/inbox.py); when the engine is idle, block for the first one (at most until
-     throttled work may run again: engine.wake_in) and gather what else arrives within
-     ARRIVAL_WINDOW, so that requests sent together share a step;
+     throttled work may run again or a keep-alive runs out: wake_in, and never longer
+     than SIGNAL_POLL, so that a signal handler runs soon whichever thread the OS gave
+     the signal to) and gather what else arrives within ARRIVAL_WINDOW, so that requests
+     sent together share a step;
   2. if a model has work, run one step of the one that has had the least engine time;
      its outputs answer their calls; unload models whose keep-alive ran out;
   3. publish a Snapshot (what ps, meminfo, sysinfo and metrics read) at most every
-     SNAPSHOT_PERIOD while busy, and whenever the engine falls idle;
+     SNAPSHOT_PERIOD while busy, and at every turn while idle;
   4. a step that raises is fatal: the loop stops, every queued and later command fails
      (its call gets ECANCELED, a dead process is released anyway), and `on_crash(exc)`
      tells the kernel, which exits.

@@ -47,8 +47,8 @@ class Question:
 
 
 class TopView:
-    """The live view of kernel k. run() blocks until the user quits, or until it has shown
-    `iterations` snapshots (each for delay seconds) if that is not None."""
+    """The live view of kernel k. run() blocks until the user quits, or until it has
+    refreshed `iterations` times (each shown for delay seconds) if that is not None."""
 
     def __init__(self, k, delay: float = 0.5, input=None, output=None,
                  iterations: int | None = None):
@@ -94,9 +94,9 @@ class TopView:
         for key, act in (("s", self._sort), ("k", self._kill), ("n", self._renice),
                          ("f", self._filter), ("t", self._tree)):
             kb.add(key, filter=~asking)(functools.partial(self._key, act))
-        kb.add("q", filter=~asking)(lambda e: self.app.exit())
-        kb.add("c-c")(lambda e: self.app.exit())
-        kb.add("<sigint>")(lambda e: self.app.exit())
+        kb.add("q", filter=~asking)(lambda e: self._quit())
+        kb.add("c-c")(lambda e: self._quit())
+        kb.add("<sigint>")(lambda e: self._quit())
         kb.add("enter", filter=asking)(lambda e: self._confirm())
         kb.add("escape", filter=asking, eager=True)(lambda e: self._ask_next(None))
         return kb
@@ -129,10 +129,15 @@ class TopView:
                 if self._read_failed:
                     self.message, self._read_failed = "", False
                 self._snap, self._snap_rates = snap, self._rates.add(snap)
-                shown += 1
+            shown += 1                       # a refresh that failed counts too, as in top
             self._redraw()
             await pause(self._wake, self.delay)
-        self.app.exit()
+        self._quit()
+
+    def _quit(self) -> None:
+        """UI loop: end run(); once (q and the last iteration may come in one turn)."""
+        if not self.app.is_done:
+            self.app.exit()
 
     def _syscall(self, done: str, fn, *args) -> None:
         """UI loop: run fn(*args) off the loop; then show `done` or its error, and refresh."""

@@ -184,6 +184,25 @@ def test_n_iterations_end_the_live_view_by_itself(k):
     assert row(view, k.pid), "the view showed no table"
 
 
+def test_n_iterations_count_refreshes_that_failed(own_kernel):
+    """-n counted only snapshots read: on a kernel gone, top -n 2 never ended."""
+    from tests.kernels import stop_kernel
+    home, proc = own_kernel
+    with connect(home, timeout=T) as gone:
+        stop_kernel(proc)
+        with create_pipe_input() as keys:
+            view = TopView(gone, 0.1, input=keys, output=DummyOutput(), iterations=2)
+            thread = threading.Thread(target=view.run, daemon=True)
+            thread.start()
+            thread.join(3 * T)
+            alive = thread.is_alive()
+            if alive:
+                keys.send_text("q")
+                thread.join(T)
+    assert not alive, "the view did not end after 2 failed refreshes"
+    assert "kernel" in bottom(view), bottom(view)              # the error was shown
+
+
 def test_k_sends_the_signal_asked_to_the_pid_asked(k):
     with sleeper(k) as pid, live(k) as (view, keys):
         eventually(lambda: row(view, pid), "the sleeper in the table")
