@@ -113,6 +113,7 @@ class Kernel:
     def __init__(self, conn: Connection, home: Path | None = None, attached: bool = False):
         self._conn = conn
         self.home = home                         # the kernel's home, if known (for logs)
+        self.attached = attached                 # hello'd with a token or key, not a secret
         # An attached program is a process only while it runs: it exits as one when it
         # closes, is collected, or the interpreter ends, whichever comes first.
         self._leave = weakref.finalize(self, _leave, conn) if attached else None

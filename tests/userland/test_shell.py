@@ -248,8 +248,9 @@ def test_a_dead_kernel_is_told_and_the_shell_goes_on_with_the_next(own_kernel, r
             return
         assert t.sh.status_line.text == " kernel gone: waiting for `llmos up`"
         again = start_kernel(home)
-        told = t.out.expect(r"\[llmos: connected to the kernel again; this shell is pid (\d+)")
-        assert int(told[1]) == t.sh.k.pid
+        told = t.out.expect(r"\[llmos: connected to the new kernel \(pid (\d+)\); "
+                            r"this shell is pid (\d+)")
+        assert (int(told[1]), int(told[2])) == (again.pid, t.sh.k.pid)
         eventually(lambda: "| fair |" in t.sh.status_line.text, "the status line again")
         t.type("run -m llmos.userland.examples.worker 12+47= &\r")
         t.out.expect(r"\[1\] (\d+)")
@@ -288,6 +289,10 @@ def test_c_runs_a_script_and_exits_with_the_last_status(kernel_home):
     assert llmos(kernel_home, "shell", "-c", "nosuch").returncode == 127
     assert llmos(kernel_home, "shell", "-c", "kill 99999").returncode == 1
     assert llmos(kernel_home, "shell", "-c", "kill").returncode == 2
+    host = llmos(kernel_home, "shell", "-c", "!echo out; echo err >&2; exit 3")
+    assert host.returncode == 3 and host.stdout == "out\nerr\n"
+    # a host command killed by a signal is 128+N, as for a job (it was -15 -> 241)
+    assert llmos(kernel_home, "shell", "-c", "!kill -TERM $$").returncode == 143
 
 
 def test_commands_on_a_pipe_run_without_a_prompt_and_chat_reads_its_turns(kernel_home):

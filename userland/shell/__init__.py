@@ -81,8 +81,10 @@ def shell(command, script, home) -> None:
     from prompt_toolkit.patch_stdout import patch_stdout
     history = str(k.home / "shell_history") if k.home else None
     with patch_stdout(raw=True):
-        sh = Shell(k, sys.stdout, create_input(), create_output(), tty=True,
-                   reconnect=lambda: connect(home, name="shell"))
+        # A shell the kernel spawned says hello with its secret, which it can read once:
+        # only an attached one (the owner's token, or a key) can connect again.
+        again = (lambda: connect(home, name="shell")) if k.attached else None
+        sh = Shell(k, sys.stdout, create_input(), create_output(), tty=True, reconnect=again)
         status = repl(sh, history)
     sh.k.close()
     sys.exit(status)

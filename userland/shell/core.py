@@ -177,7 +177,7 @@ class Shell:
             return 0
         if self.tty:                # Ctrl-C reaches the command too: the terminal's group
             try:
-                return subprocess.run(command, shell=True).returncode
+                return exit_code(subprocess.run(command, shell=True).returncode)
             except KeyboardInterrupt:   # subprocess.run has killed and reaped it
                 self.keys.interrupted = True
                 self.echo("^C")
@@ -186,24 +186,30 @@ class Shell:
         # KILL, as to a job. Polled, not awaited: the kernel may deliver the signal to any
         # of the shell's threads, and a main thread blocked in a wait for the command
         # would only notice it once the command ended by itself.
-        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        sent = 0
+        sent, out = 0, None
         with self.keys.watching() as keys:
-            while True:
-                try:
-                    out, _ = proc.communicate(timeout=POLL)
-                    break
-                except subprocess.TimeoutExpired:
-                    for _ in keys.poll(0):
-                        sent += 1
-                        with suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGINT if sent == 1 else signal.SIGKILL)
+            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                while out is None:
+                    try:
+                        out, _ = proc.communicate(timeout=POLL)
+                    except subprocess.TimeoutExpired:
+                        for _ in keys.poll(0):
+                            sent += 1
+                            with suppress(ProcessLookupError):
+                                os.killpg(proc.pid, signal.SIGINT if sent == 1 else signal.SIGKILL)
+            finally:
+                if out is None:     # an exception: the command must not run on unwatched
+                    with suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.stdout.close()
+                    proc.wait()
         self.write_bytes(out)
         if sent:
             self.echo("^C")
             return INTERRUPTED
-        return proc.returncode
+        return exit_code(proc.returncode)
 
     def run_script(self, lines) -> int:
         """Run lines (an iterable of str) with no prompt; the last command's status. A

@@ -23,6 +23,7 @@ class StatusLine:
         self.model_names: list[str] = []      # for completion
         self.gone = False
         self._stop = threading.Event()
+        self._attaching = threading.Lock()    # no attach once stop() has returned
         self._thread = threading.Thread(target=self._run, daemon=True, name="llmos-shell-status")
 
     def start(self) -> "StatusLine":
@@ -30,7 +31,9 @@ class StatusLine:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        """Stop refreshing; once this returns, the shell's connection is not swapped."""
+        with self._attaching:
+            self._stop.set()
 
     def _run(self) -> None:
         from llmos.userland.top import Rates, read
@@ -68,12 +71,20 @@ class StatusLine:
         """Connect to a kernel started anew; True once the shell goes on with it."""
         try:
             k = self.sh.reconnect()
-        except SyscallError:                      # none yet (KernelNotRunning), or refused
-            return False
-        self.sh.attach(k)
+        except Exception:                         # noqa: BLE001 — none yet (KernelNotRunning),
+            return False                          # refused, or out of sockets: try again
+        with self._attaching:
+            if self._stop.is_set():               # the shell is leaving
+                k.close()
+                return False
+            old = self.sh.k
+            self.sh.attach(k)
         self.gone = False
-        self.sh.echo(f"\n[llmos: connected to the kernel again; this shell is pid {k.pid} "
-                     f"now (jobs started before are no longer followed)]")
+        # A kernel that was only silent for a while answers again under its own pid.
+        what = ("the kernel answers again" if k.kernel_pid == old.kernel_pid
+                else f"connected to the new kernel (pid {k.kernel_pid})")
+        self.sh.echo(f"\n[llmos: {what}; this shell is pid {k.pid} now (jobs started "
+                     f"before are no longer followed)]")
         return True
 
     def render(self, snap, rates) -> str:
