@@ -33,15 +33,21 @@ class Gateway:
     """`llmos serve` on a free port for the kernel of home; stopped by close()."""
 
     def __init__(self, home, *args):
-        self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmos.userland.cli", "serve", "--home", str(home),
-             "--port", str(self.port), *args], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        eventually(lambda: self.proc.poll() is not None or self._up(), "the gateway answers")
-        assert self.proc.poll() is None, self.proc.stdout.read()
+        for _ in range(3):      # the free port may be taken (the other worker) before it binds
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "llmos.userland.cli", "serve", "--home", str(home),
+                 "--port", str(self.port), *args], cwd=ROOT, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            self.url = f"http://127.0.0.1:{self.port}"
+            eventually(lambda: self.proc.poll() is not None or self._up(), "the gateway answers")
+            if self.proc.poll() is None:
+                return
+            said = self.proc.stdout.read()
+            if "address already in use" not in said.lower():
+                break
+        raise AssertionError(f"llmos serve exited: {said}")
 
     def _up(self) -> bool:
         try:
