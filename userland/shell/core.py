@@ -14,19 +14,16 @@ through echo(), which holds a lock so that lines never interleave.
 from __future__ import annotations
 
 import codecs
-import os
 import shlex
-import signal
-import subprocess
 import sys
 import threading
-from contextlib import redirect_stdout, suppress
+from contextlib import redirect_stdout
 
 import click
 
 from llmos.syscalls import KernelDead, SyscallError
 from llmos.userland.cmdline import INTERRUPTED, error_line, exit_code
-from llmos.userland.shell.foreground import POLL, Keys
+from llmos.userland.shell.foreground import Keys, host
 from llmos.userland.shell.jobs import JobError, JobTable
 
 USAGE = 2           # exit status of a command used wrongly (bash's for a builtin)
@@ -123,7 +120,7 @@ class Shell:
         if not line or line.startswith("#"):
             return self.status
         if line.startswith("!"):
-            self.status = self._host(line[1:])
+            self.status = host(self, line[1:])
             return self.status
         try:
             commands = split(line)
@@ -170,46 +167,6 @@ class Shell:
             self.error(f"{name}: {error_line(e)}")
             return 1
         return status if isinstance(status, int) else 0
-
-    def _host(self, command: str) -> int:
-        """`!CMD`: the host's shell runs CMD; on a terminal it owns the terminal meanwhile."""
-        if not command.strip():
-            return 0
-        if self.tty:                # Ctrl-C reaches the command too: the terminal's group
-            try:
-                return exit_code(subprocess.run(command, shell=True).returncode)
-            except KeyboardInterrupt:   # subprocess.run has killed and reaped it
-                self.keys.interrupted = True
-                self.echo("^C")
-                return INTERRUPTED
-        # No terminal: SIGINT (Keys) sends INT to the command's process group, a second one
-        # KILL, as to a job. Polled, not awaited: the kernel may deliver the signal to any
-        # of the shell's threads, and a main thread blocked in a wait for the command
-        # would only notice it once the command ended by itself.
-        sent, out = 0, None
-        with self.keys.watching() as keys:
-            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                while out is None:
-                    try:
-                        out, _ = proc.communicate(timeout=POLL)
-                    except subprocess.TimeoutExpired:
-                        for _ in keys.poll(0):
-                            sent += 1
-                            with suppress(ProcessLookupError):
-                                os.killpg(proc.pid, signal.SIGINT if sent == 1 else signal.SIGKILL)
-            finally:
-                if out is None:     # an exception: the command must not run on unwatched
-                    with suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.stdout.close()
-                    proc.wait()
-        self.write_bytes(out)
-        if sent:
-            self.echo("^C")
-            return INTERRUPTED
-        return exit_code(proc.returncode)
 
     def run_script(self, lines) -> int:
         """Run lines (an iterable of str) with no prompt; the last command's status. A

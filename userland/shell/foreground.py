@@ -1,5 +1,5 @@
 """What the shell does while something runs in the foreground: a job whose output it
-shows, or a generation it streams. The terminal stays in raw mode meanwhile, so Ctrl-C
+shows, a generation it streams, or a host command (`!CMD`). The terminal stays in raw mode meanwhile, so Ctrl-C
 and Ctrl-Z arrive as keys (not as signals to the shell) and act on the job:
 
     Ctrl-C   the job gets INT (a second Ctrl-C: KILL); a generation is cancelled
@@ -12,13 +12,16 @@ way, and the script stops after it (Keys.interrupted).
 """
 from __future__ import annotations
 
+import os
 import queue
 import select
 import signal
+import subprocess
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from llmos.syscalls import ECANCELED, SyscallError
+from llmos.userland.cmdline import INTERRUPTED, exit_code
 
 POLL = 0.1          # s between looks at the keys, the job's log and its exit
 STOPPED = 148       # status of a command whose job Ctrl-Z stopped (128 + SIGTSTP, as bash)
@@ -157,3 +160,44 @@ def stream(sh, s) -> tuple[object | None, bool]:
     if isinstance(end, BaseException):
         raise end
     return end, interrupted
+
+
+def host(sh, command: str) -> int:
+    """`!CMD`: the host's shell runs CMD; its exit code. On a terminal CMD owns it meanwhile."""
+    if not command.strip():
+        return 0
+    if sh.tty:              # Ctrl-C reaches the command too: the terminal's group
+        try:
+            return exit_code(subprocess.run(command, shell=True).returncode)
+        except KeyboardInterrupt:       # subprocess.run has killed and reaped it
+            sh.keys.interrupted = True
+            sh.echo("^C")
+            return INTERRUPTED
+    # No terminal: SIGINT (Keys) sends INT to the command's process group, a second one
+    # KILL, as to a job. Polled, not awaited: the kernel may deliver the signal to any
+    # of the shell's threads, and a main thread blocked in a wait for the command
+    # would only notice it once the command ended by itself.
+    sent, out = 0, None
+    with sh.keys.watching() as keys:
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while out is None:
+                try:
+                    out, _ = proc.communicate(timeout=POLL)
+                except subprocess.TimeoutExpired:
+                    for _ in keys.poll(0):
+                        sent += 1
+                        with suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGINT if sent == 1 else signal.SIGKILL)
+        finally:
+            if out is None:     # an exception: the command must not run on unwatched
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.stdout.close()
+                proc.wait()
+    sh.write_bytes(out)
+    if sent:
+        sh.echo("^C")
+        return INTERRUPTED
+    return exit_code(proc.returncode)
