@@ -27,7 +27,7 @@ from llmos.userland import (CallTimeout, Completion, Context, ContextInfo, Delta
                             KernelNotRunning, MemInfo, ModelInfo, ProcInfo, ProcState,
                             SyscallError, SysInfo, Usage, WaitStatus, connect)
 from llmos.userland import attach
-from llmos.userland.sdk import _OPTIONS, _generate_args
+from llmos.userland.llm import _OPTIONS, _generate_args
 from tests.kernels import ROOT, until
 
 T = 60                  # seconds: the bound on every wait here
